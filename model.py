@@ -1,0 +1,175 @@
+"""
+A small GPT, written out by hand: pre-norm blocks, RoPE attention, tied embeddings.
+
+Two ways to run it:
+- training: forward(idx) on right-padded rows; positions are 0..T-1 and plain causal attention is
+  enough, because a pad that comes *after* the real tokens can never be seen by them.
+- decoding: forward(idx, pos, mask, cache, t0) with per-row positions and a key mask, writing keys
+  and values into a preallocated KVCache. sample.py drives this (left-padded prompts, one token per
+  step) and keeps a naive full-recompute loop beside it to test against.
+
+Learned absolute position embeddings failed on this task (0% after 800 steps, see DESIGN.md);
+RoPE learns it, so RoPE it is. A checkpoint is a folder: model.safetensors + config.json
+(+ tokenizer.json, written by data.py).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from data import BadInput
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 24   # set from the tokenizer
+    block_size: int = 640  # longest prompt + completion the RoPE tables cover
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+
+def rope_tables(block_size, head_dim, base=1e5):
+    """cos/sin of every (position, frequency) pair, computed once: (block_size, head_dim/2) each."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)          # (Tmax, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate channel pairs (i, i + hd/2) of x (..., T, hd) by their position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)                                  # (..., T, hd/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once at full length so shapes never change
+    between decode steps (what lets the CUDA path capture a step in a graph)."""
+
+    def __init__(self, cfg, batch, length, device, dtype):
+        hd = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, length, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)  # one matmul, not three
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer, t0):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qk = apply_rope(qkv[:2], cos, sin)                        # (2, B, nh, T, hd): q and k at once
+        q, k, v = qk[0], qk[1], qkv[2]                            # (B, nh, T, hd) each
+        if cache is not None:
+            # write this chunk at cache slots t0..t0+T-1; t0 may be a 1-element tensor so that the
+            # step has no Python-int dependence (graph capture). Attend over the first S slots,
+            # where S is set by the mask's width: t0+T for the eager path, the full cache for the
+            # static path (the mask hides the slots not written yet).
+            idx = t0 + torch.arange(T, device=x.device) if torch.is_tensor(t0) else slice(t0, t0 + T)
+            cache.k[layer][:, :, idx] = k.to(cache.k.dtype)
+            cache.v[layer][:, :, idx] = v.to(cache.v.dtype)
+            S = mask.shape[-1]
+            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]  # (B, nh, S, hd)
+        # mask None: plain causal (training). Otherwise (B, 1, T, S) bool, True = may attend.
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           is_causal=mask is None)       # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.out = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer, t0):
+        x = x + self.attn(self.ln1(x), cos, sin, mask, cache, layer, t0)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: fewer parameters, same quality at this size
+        cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.register_buffer("cos", cos, persistent=False)  # (Tmax, hd/2)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: shrink the residual-branch outputs
+            if name.endswith(("proj.weight", "out.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, idx, pos=None, mask=None, cache=None, t0=0):
+        """idx (B, T) -> logits (B, T, V). pos (B, T): per-row positions (default 0..T-1).
+        mask (B, 1, T, S) bool: which keys each query may see (default causal, no cache).
+        cache/t0: decode mode, keys and values go to cache slots t0..t0+T-1."""
+        B, T = idx.shape
+        if pos is None:
+            cos, sin = self.cos[:T], self.sin[:T]                  # (T, hd/2), broadcast over B, nh
+        else:
+            cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+        x = self.wte(idx)                                           # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i, t0)
+        return self.lm_head(self.ln_f(x))                           # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_model(model, folder, meta=None):
+    """Weights as safetensors (no pickle) + config.json with the shape and anything in meta."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    del sd["lm_head.weight"]  # tied to wte.weight; safetensors refuses shared storage
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model": asdict(model.cfg), **(meta or {})}, f, indent=1)
+
+
+def load_model(folder, device="cpu"):
+    """(model, config dict) from a checkpoint folder; BadInput with one line for anything wrong."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            meta = json.load(f)
+        names = {f.name for f in fields(GPTConfig)}
+        if not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:
+            raise BadInput(f"{folder}/config.json does not describe a GPTConfig")
+        model = GPT(GPTConfig(**meta["model"]))
+        sd = load_file(os.path.join(folder, "model.safetensors"))
+    except FileNotFoundError as e:
+        raise BadInput(f"checkpoint {folder!r} is missing {os.path.basename(e.filename)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise BadInput(f"{folder}/config.json is corrupt ({e})") from None
+    except (SafetensorError, OSError) as e:
+        raise BadInput(f"{folder}/model.safetensors is unreadable ({str(e).splitlines()[0]})") from None
+    sd["lm_head.weight"] = sd.get("wte.weight")
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items() if v is not None}
+    if want != got:
+        bad = sorted(set(want.items()) ^ set(got.items()))[0][0]
+        raise BadInput(f"{folder}: weights do not match config.json (first mismatch: {bad})")
+    model.load_state_dict(sd)
+    return model.to(device), meta
