@@ -1,0 +1,230 @@
+"""
+The sampler: a batch of *different* prompts decoded together with a preallocated KV cache.
+
+Layout. Prompts are left-padded to a common length Tp, so every row's next token goes to the same
+cache slot t; each row keeps its own RoPE position (slot minus its padding), and a key mask hides
+the pad slots. Rows stop on their own: after <eos>, or at their hard cap of new tokens, a row only
+writes <pad>.
+
+CUDA-aware by construction: the decode loop never asks the host for a value, except one cheap
+"are all rows done?" every 16 tokens; the cache, masks and RoPE tables have fixed shapes, so the
+one-token step can be captured in a CUDA graph (graph=True) and replayed; bf16 autocast on CUDA.
+Three decode paths, all tested to agree:
+- eager (default on CPU): attends over the cache slots written so far;
+- static: attends over the whole cache behind a mask, with no Python int in the step (graph-ready);
+- graph: the static step captured once in a CUDA graph (CUDA only);
+and generate_naive() beside them, which recomputes the whole sequence for every token.
+
+CLI:  python sample.py --ckpt out/bcr --problems "47+85, 602-58"
+"""
+import argparse
+import contextlib
+import sys
+
+import torch
+
+from data import EOS, PAD, BadInput, encode, load_tokenizer, parse_problems, prompt
+from model import KVCache, load_model
+
+
+def fail(message):
+    """One line on stderr, exit code 2, no traceback: how every entry point reports bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad command line (unknown flag, wrong type) costs one line, not a usage dump."""
+
+    def error(self, message):
+        fail(f"{self.prog}: {message}")
+
+
+def pick_device(name="auto"):
+    """The one place that decides the device: cuda, then mps, then cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 elsewhere (CPU bf16 is slower than fp32 at this size)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def left_pad(prompts, device):
+    """idx (B, Tp) left-padded, pos (B, Tp) per-row positions, valid (B, Tp) key mask."""
+    Tp = max(len(p) for p in prompts)
+    idx = torch.tensor([[PAD] * (Tp - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([Tp - len(p) for p in prompts], device=device)          # (B,)
+    ar = torch.arange(Tp, device=device)
+    return idx, (ar - pad[:, None]).clamp(min=0), ar >= pad[:, None]
+
+
+def prefill_mask(valid):
+    """(B, 1, T, T) bool: causal, pads hidden as keys. FOOTGUN: a pad *query* would see no key at
+    all, its softmax would be NaN, and NaN keys/values in the cache poison real rows (0 * NaN is
+    NaN). Letting every query see itself keeps pad rows finite; nothing real ever attends to them."""
+    T = valid.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()  # (T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]                       # (B, 1, T, T)
+
+
+def next_token(logits, temperature, top_k, generator):
+    """logits (B, V) -> tokens (B,). <pad> is never sampled. Sampling uses argmax(p / E) with
+    E ~ Exp(1) drawn from the explicit generator: an exact draw from p, with no host sync (unlike
+    torch.multinomial on CUDA)."""
+    logits = logits.float()
+    logits[:, PAD] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)                                                          # (B, V)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="eager"):
+    """Decode a batch of token-id prompts of any lengths.
+    max_new: int or one cap per row (the hard cap on new tokens, <eos> included).
+    mode: 'eager' | 'static' | 'graph' (see the module docstring); all give the same tokens.
+    Returns tokens (B, max(max_new)), <pad> after each row's end, and lengths (B,): the number of
+    new tokens per row, <eos> included. A row whose tokens hold no <eos> was cut by its cap."""
+    device = model.wte.weight.device
+    B = len(prompts)
+    caps = torch.as_tensor(max_new, device=device).expand(B)                  # (B,)
+    n_steps = int(caps.max())
+    idx, pos, valid_p = left_pad(prompts, device)
+    Tp = idx.shape[1]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cache = KVCache(model.cfg, B, Tp + n_steps, device, dtype)
+    valid = torch.zeros(B, Tp + n_steps, dtype=torch.bool, device=device)    # (B, S) keys written
+    valid[:, :Tp] = valid_p
+    out = torch.full((B, n_steps), PAD, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    with autocast(device):
+        logits = model(idx, pos, prefill_mask(valid_p), cache, 0)[:, -1]      # (B, V)
+    tok, pos, t = idx[:, -1].clone(), pos[:, -1].clone(), torch.tensor([Tp - 1], device=device)
+
+    def static_step():  # everything in here is a tensor op on fixed shapes: graph-capturable
+        pos.add_(1)
+        t.add_(1)
+        valid.index_fill_(1, t, True)
+        with autocast(device):
+            return model(tok[:, None], pos[:, None], valid[:, None, None, :], cache, t)[:, -1]
+
+    graph = None
+    if mode == "graph" and n_steps > 1:
+        graph, logits_buf = capture(static_step, (pos, t, valid), device)
+    for i in range(n_steps):
+        nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)  # (B,)
+        out[:, i] = nxt
+        done |= (nxt == EOS) | (caps <= i + 1)
+        if i + 1 == n_steps or (i % 16 == 15 and bool(done.all())):  # the only host sync
+            break
+        tok.copy_(nxt)
+        if graph is not None:
+            graph.replay()
+            logits = logits_buf
+        elif mode == "eager":
+            pos.add_(1)
+            valid[:, Tp + i] = True
+            with autocast(device):
+                logits = model(tok[:, None], pos[:, None], valid[:, None, None, :Tp + i + 1],
+                               cache, Tp + i)[:, -1]
+        else:
+            logits = static_step()
+    return out, (out != PAD).sum(1)
+
+
+def capture(step, state, device):
+    """Record step() in a CUDA graph. Warm-up runs (on a side stream, as CUDA graphs require)
+    advance the step's in-place state, so it is saved before and restored after."""
+    saved = [s.clone() for s in state]
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    for s, v in zip(state, saved):
+        s.copy_(v)
+    return graph, logits
+
+
+@torch.inference_mode()
+def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=None):
+    """The obvious loop, kept as the reference: no cache, the whole sequence recomputed for every
+    new token. Same layout, same sampling, so it must produce the same tokens as generate()."""
+    device = model.wte.weight.device
+    idx, pos, valid = left_pad(prompts, device)
+    out = torch.full((len(prompts), max_new), PAD, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for i in range(max_new):
+        with autocast(device):
+            logits = model(idx, pos, prefill_mask(valid))[:, -1]            # (B, V)
+        nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)
+        out[:, i] = nxt
+        done |= nxt == EOS
+        idx = torch.cat([idx, nxt[:, None]], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
+    return out, (out != PAD).sum(1)
+
+
+def load_checkpoint(folder, device="cpu"):
+    """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
+    model, meta = load_model(folder, device)
+    return model.eval(), load_tokenizer(f"{folder}/tokenizer.json"), meta
+
+
+def main(argv=None):
+    from reward import score  # only the CLI needs it
+
+    ap = ArgParser(description="Solve arithmetic problems with a nanoBCR checkpoint.")
+    ap.add_argument("--ckpt", default="out/bcr", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    ap.add_argument("--problems", default="47+85, 602-58", help="comma-separated problems, e.g. '47+85, 602-58'")
+    ap.add_argument("--max_new", type=int, default=0, help="hard cap on new tokens (0: as much as the model's context allows)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = ap.parse_args(argv)
+    try:
+        if args.temperature < 0 or args.top_k < 0 or args.max_new < 0:
+            raise BadInput("--temperature, --top_k and --max_new must be >= 0")
+        problems = parse_problems(args.problems)
+        device = pick_device(args.device)
+        model, tok, _ = load_checkpoint(args.ckpt, device)
+        ids = encode(tok, [prompt(problems)])[0]
+        room = model.cfg.block_size - len(ids)
+        if room < 1 or args.max_new > room:
+            raise BadInput(f"the prompt ({len(ids)} tokens) + --max_new ({args.max_new}) exceed the "
+                           f"model's context of {model.cfg.block_size} tokens")
+        gen = torch.Generator(device).manual_seed(args.seed)
+        out, n = generate(model, [ids], args.max_new or room, args.temperature, args.top_k, gen)
+    except BadInput as e:
+        fail(e)
+    text = tok.decode(out[0, :n[0]].tolist())
+    r = score(text, problems, truncated=EOS not in out[0].tolist())
+    print(prompt(problems) + text)
+    for k, (p, a) in enumerate(zip(problems, r.answers), 1):
+        print(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {a}  ({'correct' if r.correct[k - 1] else 'wrong'})")
+    print(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
+
+
+if __name__ == "__main__":
+    main()
