@@ -1,0 +1,192 @@
+"""
+Batched Contextual Reinforcement (BCR, arXiv 2604.02322), in miniature.
+
+What one BCR step does here:
+1. Pack N problems of one difficulty (digit columns) into a prompt; take `prompts` such prompts.
+2. Sample G completions of each, all under one hard cap of N*b new tokens for the whole packed
+   answer. The cap is the only pressure towards brevity: verbosity on early problems leaves no room
+   for later ones.
+3. Reward = the share of the N problems answered correctly. A problem the cap cut off scores 0,
+   the ones answered before keep their credit. No length term.
+4. GRPO: advantages normalised within each group of G samples of the same prompt, one on-policy
+   policy-gradient step on -A * log p(token), averaged over all completion tokens of the batch.
+
+Where this departs from the paper (whose code and hyper-parameters are not public):
+- it is "GRPO" the way nanochat's chat_rl.py is: strictly on-policy with one update per batch, so
+  the PPO ratio is always 1 and there is no clipping; no KL term by default (kl > 0 adds the k3
+  estimate against the frozen base); token-level mean (DAPO style) by default;
+- no format reward (the base already writes the format perfectly); groups are "similar
+  difficulty" by having the same number of digit columns;
+- variants worth ablating are switches: std_norm=False (REINFORCE with a group-mean baseline,
+  Dr. GRPO style), token_mean=False (mean per sequence, then over sequences), slot_credit=True
+  (problem k's advantage on the tokens that answer problem k, instead of one shared advantage),
+  and lenpen > 0, the explicit length penalty r = acc - lenpen*|y|/cap the paper reports collapses.
+
+The N-sweep evaluation (evaluate) is here too: N problems per prompt under one shared completion
+budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem,
+truncation and accuracy by slot.
+"""
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import EOS, PAD, encode, prompt
+from reward import score
+from sample import autocast, generate
+
+
+def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
+    """Sample G completions for each packed prompt (a list of problems) under a hard cap.
+    Returns prompt ids (P*G lists), completion tokens (P*G, cap), lengths (P*G,) and one Reward
+    per completion; the G samples of a prompt are consecutive rows."""
+    ids = [p for p in encode(tok, [prompt(g) for g in groups]) for _ in range(G)]
+    out, n = generate(model, ids, cap, temperature, 0, generator, mode)
+    texts = tok.decode_batch(out.tolist())  # drops <pad> and <eos>
+    truncated = ((out == EOS).sum(1) == 0).tolist()
+    rewards = [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
+    return ids, out, n, rewards
+
+
+def advantages(r, std_norm=True, eps=1e-4):
+    """r (P, G, ...) rewards -> advantages (P, G, ...), centred (and scaled) within each group of
+    G samples of one prompt. A group whose samples all scored alike gets zero: nothing to learn."""
+    a = r - r.mean(1, keepdim=True)
+    return a / (r.std(1, keepdim=True) + eps) if std_norm else a
+
+
+def token_advantages(rewards, lengths, G, cap, cfg):
+    """Per-token advantages (B, cap) for the completion tokens, and the scalar rewards (B,).
+    Shared credit: one reward per completion (accuracy over its N problems, minus the length term
+    if lenpen > 0), one advantage on all its tokens. Slot credit: problem k's reward, normalised
+    across the group, on the tokens that reward.py attributes to problem k."""
+    B = len(rewards)
+    pen = cfg.lenpen * lengths.float().cpu() / cap                            # (B,)
+    r = torch.tensor([x.acc for x in rewards]) - pen                          # (B,)
+    if not cfg.slot_credit:
+        adv = advantages(r.view(-1, G), cfg.std_norm).view(B, 1)              # (B, 1)
+        return adv.expand(B, cap), r
+    per = torch.tensor([x.correct for x in rewards]) - pen[:, None]           # (B, N)
+    adv = advantages(per.view(-1, G, per.shape[1]), cfg.std_norm).view(B, -1)  # (B, N)
+    out = torch.zeros(B, cap)
+    for i, x in enumerate(rewards):  # char offsets are token offsets (character-level tokenizer)
+        for start, end, k in x.segments:
+            out[i, start:end] = adv[i, k]
+    return out, r
+
+
+def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
+    """The policy-gradient loss of one batch of completions, ready for backward().
+    ids: prompt ids (B lists), out (B, cap) completion tokens, lengths (B,), adv (B, cap).
+    norm: what the summed loss is divided by (this batch's, or with several processes the global,
+    completion-token count for the token mean; the number of sequences for the sequence mean).
+    Rows are laid out prompt + completion, right-padded: positions 0..T-1 as in sampling."""
+    device = model.wte.weight.device
+    # a row whose advantages are all zero (its group's samples scored alike) adds nothing to the
+    # gradient, so it is left out of the forward pass: same loss, less work once rewards saturate
+    # (the KL term needs every row; one row is kept so that backward() always has a graph)
+    keep = [i for i in range(len(ids)) if cfg.kl > 0 or adv[i, :int(lengths[i])].any()] or [0]
+    ids, out, lengths, adv = [ids[i] for i in keep], out[keep], lengths[keep], adv[keep]
+    B, n = len(ids), lengths.tolist()
+    T = max(len(p) + k for p, k in zip(ids, n))
+    x = torch.full((B, T), PAD, dtype=torch.long)                             # (B, T)
+    w = torch.zeros(B, T)                                                     # (B, T) loss weights
+    a = torch.zeros(B, T)                                                     # (B, T) advantages
+    for i, (p, k) in enumerate(zip(ids, n)):
+        x[i, :len(p)] = torch.tensor(p)
+        x[i, len(p):len(p) + k] = out[i, :k]
+        # logits at position t predict token t+1: completion token j is predicted at len(p)-1+j
+        w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
+        a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
+    x, w, a = x.to(device), w.to(device), a.to(device)
+    with autocast(device):
+        logits = model(x[:, :-1]).float()                                      # (B, T-1, V)
+    logp_all = F.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
+    w, a = w[:, :-1], a[:, :-1]
+    loss = -(a * logp * w).sum()
+    stats = {}
+    if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
+        with torch.no_grad(), autocast(device):
+            ref_logp = F.log_softmax(ref(x[:, :-1]).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        d = ref_logp - logp
+        kl = d.exp() - d - 1
+        loss = loss + cfg.kl * (kl * w).sum()
+        stats["kl"] = ((kl * w).sum() / w.sum()).item()
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
+        stats["entropy"] = ((ent * (w > 0)).sum() / (w > 0).sum()).item()
+    return loss / norm, stats
+
+
+def finish_grads(model, clip, world, loss):
+    """Sum the gradients over processes, clip them; (norm, whether loss and gradients are finite)."""
+    if world > 1:
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    return norm, math.isfinite(norm) and math.isfinite(loss)
+
+
+def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
+    """One on-policy step: rollout, score, one optimizer update. Returns a metrics dict.
+    With several processes, each brings its own groups; the loss normaliser and the gradients
+    are summed across processes, so the update equals the one-process update on all groups."""
+    t0 = time.perf_counter()
+    model.eval()
+    ids, out, n, rewards = rollout(model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
+    t1 = time.perf_counter()
+    adv, r = token_advantages(rewards, n, cfg.G, cap, cfg)
+    t2 = time.perf_counter()
+    model.train()
+    local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))])
+    if world > 1:
+        dist.all_reduce(local)
+    loss, stats = pg_loss(model, ids, out.cpu(), n.cpu(), adv, local.item(), cfg, ref)
+    loss.backward()
+    grad_norm, finite = finish_grads(model, cfg.grad_clip, world, loss.item())
+    if finite:  # a NaN/inf step is never applied; train.py stops the stage on it
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    zero_var = (r.view(-1, cfg.G).std(1) == 0).float().mean().item()
+    return {"finite": finite, "reward": r.mean().item(), "reward_std": r.std().item(),
+            "acc": sum(x.acc for x in rewards) / len(rewards),
+            "tokens": n.float().mean().item(), "loops": sum(x.loops for x in rewards) / len(rewards),
+            "truncated": sum(x.truncated for x in rewards) / len(rewards), "zero_var_groups": zero_var,
+            "grad_norm": grad_norm, "loss": loss.item(), **stats,
+            "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+
+
+@torch.no_grad()
+def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode="eager",
+             rank=0, world=1):
+    """Solve `problems` N at a time (ceil(len/N) prompts, reusing the first ones to fill the last
+    prompt) under a completion budget; with several processes each takes every world-th prompt
+    and the results are gathered. Returns one report row (see DESIGN.md section 5)."""
+    model.eval()
+    device = model.wte.weight.device
+    n_prompts = math.ceil(len(problems) / N)
+    flat = (problems * 2)[:n_prompts * N]
+    groups = [flat[i * N:(i + 1) * N] for i in range(n_prompts)][rank::world]
+    gen = torch.Generator(device).manual_seed(seed * 1000 + N * 10 + rank)
+    results = []  # (reward, tokens) per prompt
+    for i in range(0, len(groups), batch):
+        _, _, n, rewards = rollout(model, tok, groups[i:i + batch], 1, budget, temperature, gen, mode)
+        results += zip(rewards, n.tolist())
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = [x for part in gathered for x in part]
+    n_prob = len(results) * N
+    return {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
+            "problems": n_prob,
+            "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
+            "tokens_per_problem": sum(k for _, k in results) / n_prob,
+            "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
+            "steps_per_problem": sum(r.steps for r, _ in results) / n_prob,
+            "truncation_rate": sum(r.truncated for r, _ in results) / len(results),
+            "format_rate": sum(r.format_ok for r, _ in results) / len(results),
+            "acc_by_slot": [sum(r.correct[k] for r, _ in results) / len(results) for k in range(N)]}

@@ -1,0 +1,591 @@
+"""
+nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing finished stages.
+
+  pretrain  a tiny GPT learns verbose arithmetic traces (re-check loops and all)  -> out/base
+  bcr       BCR: N=3 problems per prompt under one hard cap of N*b tokens         -> out/bcr-s<seed>
+  grpo      control: the same GRPO at N=1 with the generous cap C (no pressure)   -> out/grpo-s<seed>
+  lenpen    control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                 -> out/lenpen-s<seed>
+  eval      every model on N in eval_Ns under the shared budget C, sampled and greedy
+  report    out/report.md + out/report.json (+ out/report.png if matplotlib is installed)
+
+--stage=<name> runs one stage (and what it needs); --seeds=3 runs three RL seeds. Every step is
+logged to out/<run>.jsonl. A finished stage is reused only if its saved config matches; an
+interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K train.py.
+"""
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import bcr
+from data import (BadInput, build_tokenizer, doc_rng, is_heldout, packed_prompts, prompt, pretrain_batch,
+                  sample_problem, solution)
+from model import GPT, GPTConfig, load_model, save_model
+from sample import ArgParser, fail, load_checkpoint, pick_device
+
+
+def F_(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # run
+    stage: str = F_("all", "all | pretrain | bcr | grpo | lenpen | eval | report")
+    out_dir: str = F_("out", "where checkpoints, logs and the report go")
+    device: str = F_("auto", "auto | cpu | cuda | mps")
+    preset: str = F_("cpu", "cpu (laptop defaults) | gpu (bigger model and batches, one GPU)")
+    seed: int = F_(1, "first RL seed")
+    seeds: int = F_(1, "number of RL seeds: seed, seed+1, ...")
+    resume: bool = F_(False, "continue an interrupted stage from its last checkpoint")
+    save_every: int = F_(100, "steps between checkpoints during a stage")
+    compile: bool = F_(False, "torch.compile the training forward")
+    decode: str = F_("auto", "sampler path: auto | eager | static | graph (graph: CUDA only)")
+    # model
+    n_layer: int = F_(4, "transformer blocks")
+    n_head: int = F_(8, "attention heads")
+    n_embd: int = F_(128, "model width")
+    block_size: int = F_(768, "longest prompt + completion, in tokens")
+    # data
+    max_digits: int = F_(2, "operands have 1..max_digits digits")
+    ops: str = F_("+-", "operations to draw from")
+    max_N: int = F_(8, "pretraining documents hold 1..max_N problems")
+    p_loop: float = F_(0.7, "chance of a re-check loop after a step (base style)")
+    p_again: float = F_(0.45, "chance of checking once more after a check")
+    max_loops: int = F_(4, "most re-checks in a row")
+    # pretraining
+    base_seed: int = F_(0, "seed of the base model's init and data")
+    pt_steps: int = F_(700, "pretraining steps")
+    pt_docs: int = F_(64, "documents per pretraining step")
+    pt_micro_tokens: int = F_(4096, "padded tokens per micro-batch")
+    pt_lr: float = F_(2e-3, "peak learning rate of pretraining")
+    pt_grow_N: float = F_(0.5, "share of pretraining over which the largest N grows from 2 to max_N")
+    pt_concise: float = F_(0.85, "share of pretraining with mostly concise traces before all verbose")
+    warmup: int = F_(30, "linear warm-up steps")
+    grad_clip: float = F_(1.0, "gradient-norm clip")
+    # RL
+    N: int = F_(3, "problems per packed prompt in BCR training")
+    b: int = F_(36, "completion tokens per problem: the BCR cap is N*b")
+    G: int = F_(8, "samples per prompt (the GRPO group)")
+    prompts: int = F_(8, "packed prompts per RL step")
+    rl_steps: int = F_(60, "RL steps of each RL stage")
+    rl_lr: float = F_(3e-4, "RL learning rate (constant after warm-up)")
+    temperature: float = F_(1.0, "sampling temperature in RL and in sampled evaluation")
+    std_norm: bool = F_(True, "divide advantages by the group's std (False: Dr. GRPO / REINFORCE)")
+    token_mean: bool = F_(True, "average the loss over tokens (False: per sequence, then over sequences)")
+    slot_credit: bool = F_(False, "problem k's advantage on problem k's tokens (False: one shared reward)")
+    kl: float = F_(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
+    lenpen: float = F_(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
+    # evaluation
+    eval_problems: int = F_(512, "held-out problems per N")
+    eval_Ns: str = F_("1,2,3,4,6,8", "values of N in the evaluation sweep")
+    C: int = F_(0, "shared completion budget of the sweep, the same for every N (0: 8*b)")
+    eval_batch: int = F_(256, "prompts decoded together in evaluation")
+    eval_seed: int = F_(1234, "seed of the evaluation problems and sampling")
+
+
+PRESETS = {"cpu": {}, "gpu": dict(n_layer=6, n_head=8, n_embd=256, max_digits=3, block_size=768,
+                                  pt_steps=1500, pt_docs=128, pt_micro_tokens=16384, pt_lr=2e-3,
+                                  prompts=32, G=16, rl_steps=100, b=40, compile=True)}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
+BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "base_seed",
+                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_grow_N", "pt_concise", "warmup", "grad_clip")
+RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
+                       "token_mean", "slot_credit", "kl", "lenpen")
+EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
+STAGES = ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report")
+
+
+def to_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(s)
+
+
+to_bool.__name__ = "bool"  # argparse names the type in its error: "invalid bool value: 'x'"
+
+
+def parse_config(argv=None):
+    """Flags from the dataclass: --name=value, typed; --preset sets defaults that flags override."""
+    ap = ArgParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    for f in fields(Config):
+        if f.type is bool:
+            ap.add_argument(f"--{f.name}", type=to_bool, nargs="?", const=True, help=f.metadata["help"])
+        else:
+            ap.add_argument(f"--{f.name}", type=f.type, help=f.metadata["help"])
+    args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    if args.get("preset", "cpu") not in PRESETS:
+        raise BadInput(f"--preset must be one of {', '.join(PRESETS)}")
+    cfg = replace(Config(), **{**PRESETS[args.get("preset", "cpu")], **args})
+    validate(cfg)
+    return cfg
+
+
+def eval_Ns(cfg):
+    return [int(x) for x in cfg.eval_Ns.split(",")]
+
+
+def budget(cfg):
+    return cfg.C or 8 * cfg.b
+
+
+def validate(cfg):
+    """Every bad value gets a one-line reason before any work starts."""
+    def need(ok, msg):
+        if not ok:
+            raise BadInput(msg)
+    need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
+    need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
+    need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")), "--eval_Ns must be a comma-separated list of integers")
+    need(min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) >= 1, "N, max_N and every eval N must be >= 1")
+    need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
+    need(min(cfg.seeds, cfg.G, cfg.prompts, cfg.max_digits, cfg.eval_problems, cfg.eval_batch) >= 1,
+         "seeds, G, prompts, max_digits, eval_problems and eval_batch must be >= 1")
+    need(min(cfg.pt_steps, cfg.rl_steps, cfg.warmup, cfg.save_every - 1) >= 0, "step counts must be >= 0")
+    need(cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
+         "n_embd must be a multiple of n_head with an even head size (RoPE)")
+    need(cfg.temperature >= 0, "--temperature must be >= 0")
+    need(0 <= cfg.p_loop <= 1 and 0 <= cfg.p_again < 1, "p_loop must be in [0, 1] and p_again in [0, 1)")
+    worst = (10 ** cfg.max_digits - 1, "+", 10 ** cfg.max_digits - 1)
+    shortest = len(solution(worst, 1)) + 1
+    need(cfg.b >= shortest, f"--b={cfg.b} cannot hold even one concise answer ({shortest} tokens)")
+    need(budget(cfg) >= shortest, f"--C={budget(cfg)} cannot hold even one concise answer ({shortest} tokens)")
+    longest = len(prompt([worst] * max(cfg.max_N, cfg.N, *eval_Ns(cfg))))
+    need(longest + max(budget(cfg), cfg.N * cfg.b) <= cfg.block_size,
+         f"the longest prompt ({longest}) + the cap ({max(budget(cfg), cfg.N * cfg.b)}) exceed "
+         f"--block_size={cfg.block_size}")
+    need(not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder")
+
+
+# ----------------------------------------------------------------------------- processes
+
+def setup(cfg):
+    """(rank, world, device). A no-op for one process; under torchrun, one process per device
+    (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(cfg.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        else:  # K processes on one CPU: share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(values, world):
+    """Average a dict of floats over processes (for logging)."""
+    if world == 1:
+        return values
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(values, t.tolist())}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_states():
+    """Every global RNG. Training draws from none of them (data and sampling generators are pure
+    functions of (seed, step), so the step is their state), but they are saved and restored so
+    that anything a fork adds that does draw from them resumes exactly too."""
+    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_states(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save(folder, model, tok, cfg, step, done, opt, wall_s):
+    """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
+    at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
+    tok.save(f"{tmp}/tokenizer.json")
+    torch.save({"step": step, "opt": opt.state_dict(), "rng": rng_states()}, f"{tmp}/state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder):
+    if not os.path.exists(folder) and os.path.exists(folder + ".old"):
+        os.replace(folder + ".old", folder)
+
+
+def existing(folder, cfg, keys):
+    """None if there is no checkpoint; else its config.json after checking it was made by this
+    config (the keys that matter for it). Never touches the folder."""
+    recover(folder)
+    if not os.path.exists(folder):
+        return None
+    _, _, meta = load_checkpoint(folder)
+    saved = meta.get("train", {})
+    diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "
+                       f"use another --out_dir or remove that folder")
+    if not meta["done"] and not cfg.resume:
+        raise BadInput(f"{folder} holds an unfinished run (step {meta['step']}): "
+                       f"pass --resume to continue it, or remove the folder to start over")
+    return meta
+
+
+def restore(folder, model, opt):
+    """Weights, optimizer state and RNGs of a checkpoint; returns its step."""
+    loaded, _ = load_model(folder)
+    model.load_state_dict(loaded.state_dict())
+    try:
+        state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
+    except Exception as e:
+        raise BadInput(f"{folder}/state.pt is unreadable ({str(e).splitlines()[0][:80]})") from None
+    opt.load_state_dict(state["opt"])
+    set_rng_states(state["rng"])
+    return state["step"]
+
+
+class Log:
+    """Per-step JSONL. On resume, lines past the resumed step are dropped so the log reads as one run."""
+
+    def __init__(self, path, start, rank):
+        self.path, self.on = path, rank == 0
+        if self.on:
+            lines = open(path).readlines() if os.path.exists(path) and start > 0 else []
+            with open(path, "w") as f:
+                f.writelines(x for x in lines if json.loads(x)["step"] < start)
+
+    def __call__(self, row):
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- stages
+
+def new_optimizer(model, lr):
+    # no weight decay: it slowed the copying circuits down in the short runs measured here
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+
+def set_lr(opt, step, total, peak, warmup, cosine):
+    """Linear warm-up, then constant or cosine down to 10% of the peak."""
+    lr = peak * min(1.0, (step + 1) / max(1, warmup))
+    if cosine and step >= warmup:
+        lr = peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
+    """The loop every training stage shares: reuse a finished checkpoint made by the same config,
+    resume an interrupted one (--resume), step, log, save every save_every steps and at the end
+    (rank 0 only), and stop on a non-finite step with the last good checkpoint untouched."""
+    meta = existing(folder, cfg, keys)
+    if meta and meta["done"]:
+        return
+    model, opt = make()
+    start, wall = (restore(folder, model, opt), meta["wall_s"]) if meta else (0, 0.0)
+    if world > 1:  # every process starts from rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    log, t0 = Log(folder + ".jsonl", start, rank), time.perf_counter()
+    bar = tqdm(range(start, total), desc=os.path.basename(folder), disable=rank > 0, initial=start, total=total)
+    for step in bar:
+        row = step_fn(model, opt, step)
+        if not row.pop("finite"):
+            raise BadInput(f"non-finite loss or gradient at step {step}: stopped; the last good "
+                           f"checkpoint in {folder} is untouched")
+        row = all_mean(row, world)
+        log({"step": step, **row})
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops") if k in row})
+        if rank == 0 and (step + 1 == total or (step + 1) % cfg.save_every == 0):
+            save(folder, model, build_tokenizer(), cfg, step + 1, step + 1 == total, opt, wall + time.perf_counter() - t0)
+    if total == start and rank == 0:
+        save(folder, model, build_tokenizer(), cfg, total, True, opt, wall)
+    if world > 1:
+        dist.barrier()
+
+
+def pretrain(cfg, tok, rank, world, device):
+    """Next-token cross-entropy on verbose traces, loss on completion tokens only."""
+    def make():
+        torch.manual_seed(cfg.base_seed)
+        model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+        return model, new_optimizer(model, cfg.pt_lr)
+
+    compiled = {}
+
+    def step_fn(model, opt, step):
+        fwd = compiled.setdefault("fwd", torch.compile(model) if cfg.compile else model)
+        t0 = time.perf_counter()
+        lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
+        micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
+        loss_sum, n_tok = 0.0, 0
+        for idx, tgt in micro:
+            idx, tgt = idx.to(device), tgt.to(device)                        # (b, T) each
+            with bcr.autocast(device):
+                logits = fwd(idx)                                            # (b, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
+                                   reduction="sum") / n_targets              # global token mean
+            loss.backward()
+            loss_sum, n_tok = loss_sum + loss.item(), n_tok + idx.numel()
+        grad_norm, ok = bcr.finish_grads(model, cfg.grad_clip, world, loss_sum)
+        if ok:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        return {"finite": ok, "loss": loss_sum * world, "grad_norm": grad_norm, "lr": lr,
+                "tokens_per_s": n_tok / dt}
+
+    run_stage(cfg, f"{cfg.out_dir}/base", BASE_KEYS, make, cfg.pt_steps, step_fn, rank, world)
+
+
+def rl(cfg, name, seed, tok, rank, world, device):
+    """One RL stage: bcr (N = cfg.N, cap N*b) or a control, grpo / lenpen (N = 1, cap C)."""
+    N, cap = (cfg.N, cfg.N * cfg.b) if name == "bcr" else (1, budget(cfg))
+    scfg = replace(cfg, lenpen=cfg.lenpen if name == "lenpen" else 0.0, decode=decode_mode(cfg, device))
+    ref = load_checkpoint(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
+
+    def make():
+        model = load_checkpoint(f"{cfg.out_dir}/base", device)[0]
+        return model, new_optimizer(model, cfg.rl_lr)
+
+    def step_fn(model, opt, step):
+        set_lr(opt, step, cfg.rl_steps, cfg.rl_lr, min(cfg.warmup, 10), cosine=False)
+        groups = packed_prompts(doc_rng(f"{name}{seed}", step), cfg, cfg.prompts, N)
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 101 + rank)
+        # the step's groups are split over processes: a group never straddles two of them
+        return bcr.rl_step(model, opt, tok, groups[rank::world], cap, gen, scfg, ref, world)
+
+    run_stage(cfg, f"{cfg.out_dir}/{name}-s{seed}", RL_KEYS, make, cfg.rl_steps, step_fn, rank, world)
+
+
+def decode_mode(cfg, device):
+    if cfg.decode == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if cfg.decode == "graph" and device.type != "cuda":
+        raise BadInput("--decode=graph needs CUDA")
+    return cfg.decode
+
+
+def runs(cfg):
+    return ["base"] + [f"{n}-s{s}" for n in ("bcr", "grpo", "lenpen") for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+
+
+def evaluation(cfg, run, rank, world, device):
+    """The N-sweep of one model under the shared budget C, sampled and greedy; the base also gets
+    a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
+    path = f"{cfg.out_dir}/{run}/eval.json"
+    key = {k: getattr(cfg, k) for k in EVAL_KEYS}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    t0 = time.perf_counter()
+    model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
+    rng = random.Random(cfg.eval_seed)
+    problems = [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
+    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(eval_Ns(cfg))))
+    plan = [(N, budget(cfg), t) for t in (cfg.temperature, 0.0) for N in eval_Ns(cfg)]
+    plan += [(N, room, cfg.temperature) for N in eval_Ns(cfg)] if run == "base" else []
+    rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
+                         decode_mode(cfg, device), rank, world) for N, c, t in plan]
+    out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
+    if rank == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f)
+        os.replace(path + ".tmp", path)
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def pick(rows, N, decoding="sample", budget_=None):
+    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding
+                and (budget_ is None or r["budget"] == budget_))
+
+
+def spread(xs):
+    return f"{statistics.mean(xs):.3f}" + (f" (min {min(xs):.3f}, max {max(xs):.3f})" if len(xs) > 1 else "")
+
+
+def findings(cfg, ev):
+    """The paper's four claims, checked against the targets of the project's issue #3."""
+    C, Ns, seeds = budget(cfg), eval_Ns(cfg), range(cfg.seed, cfg.seed + cfg.seeds)
+    base = ev["base"]["rows"]
+    b1, bN = pick(base, 1, budget_=C), pick(base, max(Ns), budget_=C)
+    f = {k: [] for k in ("tok", "acc", "loops", "steps", "mono", "gainN", "grpo_loops", "lp_acc", "lp_tok")}
+    for s in seeds:
+        r = ev[f"bcr-s{s}"]["rows"]
+        x1 = pick(r, 1)
+        f["tok"].append(x1["tokens_per_problem"] / b1["tokens_per_problem"])
+        f["acc"].append(x1["acc"] - b1["acc"])
+        f["loops"].append(x1["loops_per_problem"] / max(b1["loops_per_problem"], 1e-9))
+        f["steps"].append(x1["steps_per_problem"] / b1["steps_per_problem"])
+        tpp = [pick(r, N)["tokens_per_problem"] for N in Ns]
+        f["mono"].append(float(all(b <= a for a, b in zip(tpp, tpp[1:]))))
+        f["gainN"].append(pick(r, max(Ns))["acc"] - bN["acc"])
+        f["grpo_loops"].append(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"] / max(b1["loops_per_problem"], 1e-9))
+        lp = pick(ev[f"lenpen-s{s}"]["rows"], 1)
+        f["lp_acc"].append(lp["acc"] - b1["acc"])
+        f["lp_tok"].append(lp["tokens_per_problem"] / b1["tokens_per_problem"])
+    return {
+        "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
+                       "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
+                                   f"(target <= 0.6) at accuracy {spread(f['acc'])} vs the base (target >= -0.01)"},
+        "scaling_law": {"reproduced": all(f["mono"]) and all(g >= 0.25 for g in f["gainN"]),
+                        "evidence": f"BCR's sampled tokens per problem are non-increasing in N for "
+                                    f"{sum(f['mono']):.0f} of {len(f['mono'])} seeds; accuracy at N={max(Ns)} "
+                                    f"minus the base's: {spread(f['gainN'])} (target >= 0.25)"},
+        "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
+                         "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
+                                     f"(target <= 0.05); necessary steps {spread(f['steps'])} x (target >= 0.99); "
+                                     f"the vanilla-GRPO control keeps {spread(f['grpo_loops'])} x the base's loops"},
+        "length_penalty": {"reproduced": all(a < -0.10 for a in f["lp_acc"]),
+                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{C} at N=1, accuracy vs the base: "
+                                       f"{spread(f['lp_acc'])}, tokens {spread(f['lp_tok'])} x the base's "
+                                       f"('collapse' here: more than 10 points of accuracy lost)"}}
+
+
+def curve(path):
+    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+    keep = rows[::max(1, len(rows) // 6)] + rows[-1:] if rows else []
+    return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in keep]
+
+
+def write_report(cfg, device, wall):
+    missing = [r for r in runs(cfg) if not os.path.exists(f"{cfg.out_dir}/{r}/eval.json")]
+    if missing:
+        raise BadInput(f"no evaluated {', '.join(missing)} in {cfg.out_dir}: run the missing stages first")
+    ev = {run: json.load(open(f"{cfg.out_dir}/{run}/eval.json")) for run in runs(cfg)}
+    for stage in ("pretrain", "bcr", "grpo", "lenpen"):
+        names = ["base"] if stage == "pretrain" else [r for r in runs(cfg) if r.startswith(stage)]
+        wall[stage] = sum(json.load(open(f"{cfg.out_dir}/{n}/config.json"))["wall_s"] for n in names)
+    wall["eval"] = sum(e["wall_s"] for e in ev.values())
+    report = {"config": asdict(cfg), "device": device.type,
+              "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "wall_s": wall, "runs": [], "findings": findings(cfg, ev)}
+    for run in runs(cfg):
+        rows = [r for r in ev[run]["rows"] if not r.get("room")]
+        name, _, seed = run.partition("-s")
+        entry = {"name": name, "seed": int(seed) if seed else None, "eval": rows,
+                 "free_lunch": {k: pick(rows, 1)[k] for k in ("budget", "acc", "tokens_per_problem",
+                                                               "loops_per_problem", "steps_per_problem")},
+                 "curve": curve(f"{cfg.out_dir}/{run}.jsonl") if name != "base" else []}
+        if run == "base":
+            entry["eval_room"] = [r for r in ev[run]["rows"] if r.get("room")]
+        report["runs"].append(entry)
+    with open(f"{cfg.out_dir}/report.json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(f"{cfg.out_dir}/report.md", "w") as f:
+        f.write(markdown(report))
+    plot(report, f"{cfg.out_dir}/report.png")
+
+
+def markdown(rep):
+    cfg, out = rep["config"], []
+    out.append(f"# nanoBCR report\n\ntorch {rep['versions']['torch']} on {rep['device']}; wall time (s): "
+               + ", ".join(f"{k} {v:.0f}" for k, v in rep["wall_s"].items()) + "\n")
+    out.append("## Findings\n")
+    for k, v in rep["findings"].items():
+        out.append(f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}.")
+    head = "| model | seed | N | budget | acc | tokens/problem | loops/problem | steps/problem | truncated | acc by slot |"
+    for title, sel in ((f"Sampled (T={cfg['temperature']}) under the shared budget C", lambda r: r["decoding"] == "sample"),
+                       ("Greedy under the shared budget C", lambda r: r["decoding"] == "greedy")):
+        out += [f"\n## {title}\n", head, "|" + "---|" * 10]
+        for run in rep["runs"]:
+            for r in filter(sel, run["eval"] + run.get("eval_room", [])):
+                out.append(f"| {run['name']}{' (room)' if r.get('room') else ''} | {run['seed'] or '-'} | {r['N']} | "
+                           f"{r['budget']} | {r['acc']:.3f} | {r['tokens_per_problem']:.1f} | {r['loops_per_problem']:.2f} | "
+                           f"{r['steps_per_problem']:.2f} | {r['truncation_rate']:.2f} | "
+                           + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
+    out += ["\n## Training curves (RL: rollout batch means)\n", "| run | step | reward | acc | tokens | loops | truncated |",
+            "|" + "---|" * 7]
+    for run in rep["runs"]:
+        for c in run["curve"]:
+            out.append(f"| {run['name']}-s{run['seed']} | {c['step']} | {c['reward']:.3f} | {c['acc']:.3f} | "
+                       f"{c['tokens']:.1f} | {c['loops']:.2f} | {c['truncated']:.2f} |")
+    out.append("\n## Config\n\n```\n" + json.dumps(cfg) + "\n```\n")
+    return "\n".join(out)
+
+
+def plot(rep, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # the plot is a bonus, never a requirement
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for run in rep["runs"]:
+        rows = [r for r in run["eval"] if r["decoding"] == "sample"]
+        label = run["name"] + (f"-s{run['seed']}" if run["seed"] else "")
+        ax[0].plot([r["N"] for r in rows], [r["tokens_per_problem"] for r in rows], "o-", label=label)
+        ax[1].plot([r["N"] for r in rows], [r["acc"] for r in rows], "o-", label=label)
+        if run["curve"]:
+            ax[2].plot([c["step"] for c in run["curve"]], [c["acc"] for c in run["curve"]], label=label)
+    for a, t in zip(ax, ("tokens per problem vs N (budget C)", "accuracy vs N (budget C)", "RL rollout accuracy")):
+        a.set_title(t)
+        a.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        rank, world, device = setup(cfg)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tok = build_tokenizer()
+        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"), "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
+        if cfg.stage != "pretrain" and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
+            stages = ("pretrain",) + stages  # every later stage needs the base
+        wall = {}
+        for stage in stages:
+            if stage == "pretrain":
+                pretrain(cfg, tok, rank, world, device)
+            elif stage in ("bcr", "grpo", "lenpen"):
+                for s in range(cfg.seed, cfg.seed + cfg.seeds):
+                    rl(cfg, stage, s, tok, rank, world, device)
+            else:
+                for run in runs(cfg):
+                    if os.path.exists(f"{cfg.out_dir}/{run}"):
+                        evaluation(cfg, run, rank, world, device)
+        if cfg.stage in ("all", "report") and rank == 0:
+            write_report(cfg, device, wall)
+            print(f"wrote {cfg.out_dir}/report.md and report.json")
+    except BadInput as e:
+        fail(e)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
