@@ -1,0 +1,195 @@
+"""
+Speed benchmarks (pytest does not collect this file). Every comparison is measured in one run,
+alternating the contenders round by round, and reported as medians and ratios.
+
+  python tests/bench.py                      # sampler, training throughput, one RL step
+  python tests/bench.py --what=sample --rounds=5
+  python tests/bench.py --ckpt=out/base      # the RL step on the real verbose base
+
+sample: batch 64, a short prompt, 96 new tokens at temperature 1 (every row forced to the full
+        length): our cached sampler (eager, static, and graph on CUDA), the naive full-recompute
+        loop, and Hugging Face generate on a Llama of identical d, layers, heads, MLP width and
+        vocab (random weights) if `transformers` is installed.
+train:  fwd+bwd+AdamW tokens/s on pretraining-shaped batches, with an MFU estimate against the
+        fp32 (CUDA: bf16) matmul rate measured in the same run, and the same for the HF Llama.
+rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), split into rollout,
+        scoring and update.
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bcr  # noqa: E402
+import sample  # noqa: E402
+from data import BadInput, build_tokenizer, doc_rng, packed_prompts  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from sample import ArgParser, autocast, fail, load_checkpoint, pick_device  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def rounds(contenders, n, device):
+    """Run each contender once per round, alternating; median seconds of each."""
+    times = {k: [] for k in contenders}
+    for fn in contenders.values():  # warm-up (and CUDA graph / compile set-up) outside the timing
+        fn()
+    for _ in range(n):
+        for k, fn in contenders.items():
+            times[k].append(timed(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def hf_llama(cfg, device):
+    """The equal-size Llama, or None when transformers is not installed (it is never required)."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                     num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                     num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
+                     tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    return LlamaForCausalLM(hf).to(device).eval()
+
+
+def bench_sample(model, device, n_rounds, batch=64, new=96):
+    prompts = [[17, 3, 14, 4, 7, 10, 6, 5, 16]] * batch  # "Q1:25+43\n"
+    sample.EOS = -1  # no row may stop early: every contender decodes exactly `new` tokens
+    gen = torch.Generator(device).manual_seed(0)
+    c = {"cached (eager)": lambda: sample.generate(model, prompts, new, 1.0, 0, gen, "eager"),
+         "cached (static)": lambda: sample.generate(model, prompts, new, 1.0, 0, gen, "static"),
+         "naive recompute": lambda: sample.generate_naive(model, prompts, new, 1.0, 0, gen)}
+    if device.type == "cuda":
+        c["cached (graph)"] = lambda: sample.generate(model, prompts, new, 1.0, 0, gen, "graph")
+    hf = hf_llama(model.cfg, device)
+    if hf is not None:
+        ids = torch.tensor(prompts, device=device)
+
+        def hf_generate():
+            with torch.inference_mode(), autocast(device):
+                hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                            top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        c["HF generate (Llama)"] = hf_generate
+    med = rounds(c, n_rounds, device)
+    sample.EOS = 1
+    tps = {k: batch * new / v for k, v in med.items()}
+    print(f"\nsampling: batch {batch}, prompt 9 tokens, {new} new tokens, temperature 1, median of {n_rounds}")
+    for k, v in tps.items():
+        print(f"  {k:22s} {v:10.0f} tok/s   {v / tps['cached (eager)']:.2f}x eager")
+    ours = max(v for k, v in tps.items() if k.startswith("cached"))
+    print(f"  best cached / naive = {ours / tps['naive recompute']:.1f}x (target >= 10x)")
+    if hf is not None:
+        print(f"  best cached / HF generate = {ours / tps['HF generate (Llama)']:.2f}x (target >= 1.5x)")
+    return tps
+
+
+def matmul_rate(device, n=1024):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    k = 50 if device.type == "cuda" else 10
+    best = min(timed(lambda: [a @ b for _ in range(k)], device) for _ in range(5))
+    return 2 * n ** 3 * k / best
+
+
+def bench_train(model, device, n_rounds, rows=16, T=256):
+    """fwd+bwd+AdamW on (rows, T) batches: tokens/s and MFU (6*params + attention FLOPs per token)."""
+    cfg = model.cfg
+    x = torch.randint(2, cfg.vocab_size, (rows, T + 1), device=device)
+
+    def step_fn(m, opt, hf=False):
+        def go():
+            with autocast(device):
+                logits = m(x[:, :-1]).logits if hf else m(x[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return go
+    ours = GPT(cfg).to(device).train()
+    c = {"ours": step_fn(ours, torch.optim.AdamW(ours.parameters(), 1e-4, fused=True))}
+    hf = hf_llama(cfg, device)
+    if hf is not None:
+        hf.train()
+        c["HF Llama"] = step_fn(hf, torch.optim.AdamW(hf.parameters(), 1e-4, fused=True), hf=True)
+    med = rounds(c, n_rounds, device)
+    peak = matmul_rate(device)
+    params = sum(p.numel() for p in ours.parameters())
+    flops_tok = 6 * params + 6 * cfg.n_layer * T * cfg.n_embd  # causal attention: half of 12*L*T*d
+    print(f"\ntraining: fwd+bwd+AdamW on ({rows}, {T}) tokens, median of {n_rounds}; "
+          f"measured matmul rate {peak / 1e9:.0f} GFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    for k, v in med.items():
+        tps = rows * T / v
+        print(f"  {k:10s} {tps:10.0f} tok/s   MFU {tps * flops_tok / peak:.0%} (our FLOP count)   "
+              f"{med['ours'] and v / med['ours']:.2f}x our step time")
+    if hf is not None:
+        print(f"  ours / HF Llama = {med['HF Llama'] / med['ours']:.2f}x (target >= 1.2x)")
+
+
+def bench_rl(model, device, n_rounds):
+    """One BCR step at the default shape: 8 prompts x G=8 of N=3 problems, cap 3*30 = 90."""
+    tok = build_tokenizer()
+    cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
+                          else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
+                          lenpen=0.0, grad_clip=1.0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is
+    splits, total = [], []
+    for step in range(n_rounds + 1):
+        groups = packed_prompts(doc_rng("bench", step), cfg, 8, 3)
+        gen = torch.Generator(device).manual_seed(step)
+        t = timed(lambda: splits.append(bcr.rl_step(model, opt, tok, groups, 90, gen, cfg)), device)
+        total.append(t)
+    splits, total = splits[1:], total[1:]  # the first step warms up
+    med = {k: statistics.median(s[k] for s in splits) for k in ("t_rollout", "t_score", "t_update", "tokens")}
+    print(f"\nBCR step: 64 rollouts (N=3, cap 90), median of {n_rounds}: {statistics.median(total):.3f} s "
+          f"(target <= 0.7 s) = rollout {med['t_rollout']:.3f} + scoring {med['t_score']:.3f} + update "
+          f"{med['t_update']:.3f}; mean completion {med['tokens']:.0f} tokens")
+
+
+def main(argv=None):
+    ap = ArgParser(prog="bench.py", description="nanoBCR speed benchmarks")
+    ap.add_argument("--what", default="all", choices=["all", "sample", "train", "rl"], help="which benchmark")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (median reported)")
+    ap.add_argument("--ckpt", default="", help="checkpoint for the RL step (default: random weights)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
+    ap.add_argument("--n_embd", type=int, default=128, help="model width")
+    ap.add_argument("--n_head", type=int, default=4, help="attention heads")
+    args = ap.parse_args(argv)
+    try:
+        if args.rounds < 1:
+            raise BadInput("--rounds must be >= 1")
+        device = pick_device(args.device)
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=23, block_size=640, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        model = load_checkpoint(args.ckpt, device)[0] if args.ckpt else GPT(cfg).to(device).eval()
+    except BadInput as e:
+        fail(e)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
+    if args.what in ("all", "sample"):
+        bench_sample(model, device, args.rounds)
+    if args.what in ("all", "train"):
+        bench_train(model, device, args.rounds)
+    if args.what in ("all", "rl"):
+        bench_rl(model, device, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

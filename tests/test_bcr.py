@@ -1,0 +1,107 @@
+"""Advantages, per-token credit, the policy-gradient loss and its variants, packing under the cap."""
+import random
+from types import SimpleNamespace
+
+import torch
+
+from bcr import advantages, pg_loss, rollout, token_advantages
+from data import EOS, build_tokenizer, solution
+from reward import score
+from test_sample import random_gpt
+
+
+def cfg(**kw):
+    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_advantages_hand_computed():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])  # (P=2, G=4)
+    a = advantages(r, std_norm=False)
+    assert torch.allclose(a, torch.tensor([[0.5, -0.5, -0.5, 0.5], [0, 0, 0, 0]]))
+    s = advantages(r, std_norm=True, eps=0.0)[0]
+    std = torch.tensor([1.0, 0, 0, 1]).std()  # unbiased, as torch.std: 0.5774
+    assert torch.allclose(s, torch.tensor([0.5, -0.5, -0.5, 0.5]) / std)
+    assert torch.equal(advantages(r)[1], torch.zeros(4))  # a zero-variance group teaches nothing
+    # the variants agree in sign and order, and differ in scale exactly by the group std
+    assert torch.equal(s.sign(), a[0].sign())
+
+
+def fake_rewards(texts, problems, truncated=None):
+    return [score(t, problems, tr) for t, tr in zip(texts, truncated or [False] * len(texts))]
+
+
+P2 = [(47, "+", 85), (52, "-", 17)]
+
+
+def test_shared_and_slot_credit():
+    right = solution(P2[0], 1) + solution(P2[1], 2)
+    wrong2 = solution(P2[0], 1) + "12-7=5 5-1-1=3 A2:99\n"
+    rewards = fake_rewards([right, wrong2], P2)                    # one group of G=2
+    n = torch.tensor([len(right) + 1, len(wrong2) + 1])
+    shared, r = token_advantages(rewards, n, 2, 64, cfg(std_norm=False))
+    assert torch.allclose(r, torch.tensor([1.0, 0.5]))
+    assert torch.allclose(shared[0], torch.full((64,), 0.25)) and torch.allclose(shared[1], torch.full((64,), -0.25))
+    slot, _ = token_advantages(rewards, n, 2, 64, cfg(std_norm=False, slot_credit=True))
+    k1 = len(solution(P2[0], 1))
+    # problem 1 was right in both samples: no credit either way on its tokens; problem 2 differs
+    assert torch.equal(slot[:, :k1], torch.zeros(2, k1))
+    assert torch.allclose(slot[0, k1:n[0]], torch.tensor(0.5)) and torch.allclose(slot[1, k1:n[1]], torch.tensor(-0.5))
+
+
+def test_truncated_problem_scores_zero_and_keeps_earlier_credit():
+    full = solution(P2[0], 1) + solution(P2[1], 2)
+    cut = full[:len(solution(P2[0], 1)) + 6]
+    r = fake_rewards([cut], P2, [True])[0]
+    assert r.correct == [1.0, 0.0] and r.acc == 0.5 and r.truncated
+
+
+def test_length_penalty_reward():
+    rewards = fake_rewards([solution(P2[0], 1)] * 2, P2[:1])
+    _, r = token_advantages(rewards, torch.tensor([20, 40]), 2, 80, cfg(lenpen=1.0))
+    assert torch.allclose(r, torch.tensor([1 - 20 / 80, 1 - 40 / 80]))
+
+
+def test_pg_loss_normalisation_and_gradient_direction():
+    model = random_gpt(0)
+    ids = [[5, 6, 7], [8, 9]]
+    out = torch.tensor([[10, 11, EOS, 0], [12, EOS, 0, 0]])
+    n = torch.tensor([3, 2])
+    adv = torch.tensor([[1.0] * 4, [-1.0] * 4])
+    loss_tok, st = pg_loss(model, ids, out, n, adv, 5.0, cfg())
+    # hand check: token mean = -(sum of A*logp over the 5 completion tokens) / 5
+    logp = torch.log_softmax(model(torch.tensor([[5, 6, 7, 10, 11]]))[0], -1)
+    lp0 = logp[2, 10] + logp[3, 11] + logp[4, EOS]
+    logp1 = torch.log_softmax(model(torch.tensor([[8, 9, 12]]))[0], -1)
+    lp1 = logp1[1, 12] + logp1[2, EOS]
+    assert torch.allclose(loss_tok, -(lp0 - lp1) / 5, atol=1e-5)
+    loss_seq, _ = pg_loss(model, ids, out, n, adv, 2.0, cfg(token_mean=False))
+    assert torch.allclose(loss_seq, -(lp0 / 3 - lp1 / 2) / 2, atol=1e-5)
+    assert st["entropy"] > 0
+    # a step along -grad raises the log-prob of the positively rewarded completion
+    loss_tok.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    after = torch.log_softmax(model(torch.tensor([[5, 6, 7, 10, 11]]))[0], -1)
+    assert after[2, 10] + after[3, 11] + after[4, EOS] > lp0
+
+
+def test_kl_term_is_zero_against_itself():
+    model = random_gpt(0)
+    ids, out, n, adv = [[5, 6]], torch.tensor([[7, EOS]]), torch.tensor([2]), torch.zeros(1, 2)
+    loss, st = pg_loss(model, ids, out, n, adv, 2.0, cfg(kl=0.1), ref=model)
+    assert abs(st["kl"]) < 1e-6 and abs(loss.item()) < 1e-6
+
+
+def test_rollout_packs_groups_and_respects_the_cap():
+    tok = build_tokenizer()
+    model = random_gpt(4)
+    model.cfg.vocab_size = tok.get_vocab_size()
+    groups = [[(1, "+", 2), (3, "+", 4), (5, "-", 1)], [(12, "+", 30), (9, "-", 9), (4, "+", 4)]]
+    ids, out, n, rewards = rollout(model, tok, groups, G=3, cap=11, temperature=1.0,
+                                   generator=torch.Generator().manual_seed(0))
+    assert len(ids) == 6 and ids[0] == ids[2] and ids[3] == ids[5] and ids[0] != ids[3]
+    assert out.shape == (6, 11) and (n <= 11).all()
+    assert all(len(r.correct) == 3 for r in rewards)
+    assert [r.truncated for r in rewards] == ((out == EOS).sum(1) == 0).tolist()

@@ -1,0 +1,110 @@
+"""Data parallel on 2 CPU processes (gloo): the same results as one process."""
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import bcr
+import sample
+import train
+from data import build_tokenizer, doc_rng, packed_prompts
+from test_train import TINY, run, tiny  # noqa: F401  (the module-scoped tiny base)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, fn, args):
+    """What torchrun would set up, then fn(rank, *args) in this process."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
+def spawn(fn, *args, world=2):
+    mp.spawn(worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def pretrain_job(rank, out):
+    assert train.main(TINY + [f"--out_dir={out}", "--stage=pretrain"]) is None
+
+
+def test_pretraining_matches_one_process(tmp_path, tiny):  # noqa: F811
+    spawn(pretrain_job, str(tmp_path))
+    a, b = load_file(tmp_path / "base/model.safetensors"), load_file(tiny / "base/model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def fixed_rollouts(tiny):  # noqa: F811
+    """One step's rollouts, sampled once in this process and reused by every process."""
+    model, tok, _ = sample.load_checkpoint(tiny / "base")
+    cfg = train.parse_config(TINY)
+    groups = packed_prompts(doc_rng("fixed", 0), cfg, 4, 2)
+    ids, out, n, rewards = bcr.rollout(model, tok, groups, 4, 48, 1.0, torch.Generator().manual_seed(0))
+    adv, _ = bcr.token_advantages(rewards, n, 4, 48, cfg)
+    return cfg, ids, out, n, adv
+
+
+def update(model, cfg, ids, out, n, adv, world):
+    """The update half of bcr.rl_step on given rollouts, with the global token normaliser."""
+    local = torch.tensor([float(n.sum())])
+    if world > 1:
+        dist.all_reduce(local)
+    loss, _ = bcr.pg_loss(model, ids, out, n, adv, local.item(), cfg)
+    loss.backward()
+    bcr.finish_grads(model, cfg.grad_clip, world, loss.item())
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return model
+
+
+def update_job(rank, tiny, result):  # noqa: F811
+    dist.init_process_group("gloo")
+    cfg, ids, out, n, adv = fixed_rollouts(Path(tiny))
+    rows = slice(rank * 8, (rank + 1) * 8)  # whole groups of G=4: a group never straddles ranks
+    model = update(sample.load_checkpoint(Path(tiny) / "base")[0].train(), cfg, ids[rows], out[rows], n[rows],
+                   adv[rows], 2)
+    if rank == 0:
+        torch.save(model.state_dict(), result)
+    dist.destroy_process_group()
+
+
+def test_one_update_on_fixed_rollouts_matches_one_process(tmp_path, tiny):  # noqa: F811
+    spawn(update_job, str(tiny), str(tmp_path / "two.pt"))
+    cfg, ids, out, n, adv = fixed_rollouts(tiny)
+    one = update(sample.load_checkpoint(tiny / "base")[0].train(), cfg, ids, out, n, adv, 1).state_dict()
+    two = torch.load(tmp_path / "two.pt")
+    base = sample.load_checkpoint(tiny / "base")[0].state_dict()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4  # the update did something
+
+
+def steps_job(rank, tiny, result):  # noqa: F811
+    dist.init_process_group("gloo")
+    model, tok, _ = sample.load_checkpoint(Path(tiny) / "base")
+    cfg = train.parse_config(TINY + ["--decode=eager"])
+    opt = train.new_optimizer(model, 1e-3)
+    for step in range(3):
+        groups = packed_prompts(doc_rng("steps", step), cfg, 4, 2)[rank::2]
+        gen = torch.Generator().manual_seed(100 * step + rank)  # each rank samples its own rollouts
+        bcr.rl_step(model, opt, tok, groups, 48, gen, cfg, world=2)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    both = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(both, flat)
+    if rank == 0:
+        torch.save(both, result)
+    dist.destroy_process_group()
+
+
+def test_ranks_hold_identical_weights_after_bcr_steps(tmp_path, tiny):  # noqa: F811
+    spawn(steps_job, str(tiny), str(tmp_path / "w.pt"))
+    a, b = torch.load(tmp_path / "w.pt")
+    assert torch.equal(a, b)

@@ -1,0 +1,218 @@
+"""train.py end to end on a tiny config: stages, exact resume, atomic saves, refusals, bad input."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sample
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=160", "--max_digits=1", "--max_N=3",
+        "--pt_steps=8", "--pt_docs=8", "--warmup=2", "--N=2", "--b=24", "--C=48", "--G=4", "--prompts=2",
+        "--rl_steps=4", "--eval_problems=8", "--eval_Ns=1,2", "--eval_batch=8", "--save_every=3"]
+
+
+def run(argv):
+    """train.main in-process; returns the exit code (0 when it returns normally)."""
+    try:
+        train.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def weights(folder):
+    return load_file(f"{folder}/model.safetensors")
+
+
+def digest(folder):
+    return {f: hashlib.sha256(open(f"{folder}/{f}", "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny base, pretrained once for the module."""
+    out = tmp_path_factory.mktemp("tiny")
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain"]) == 0
+    return out
+
+
+def interrupt_at(monkeypatch, module, name, step):
+    """Make module.name raise KeyboardInterrupt when asked for `step`: a kill mid-stage."""
+    real = getattr(module, name)
+
+    def wrapped(*args):
+        if step in args:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_pretrain_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
+    with monkeypatch.context() as m:
+        interrupt_at(m, train, "pretrain_batch", 5)  # checkpoint at step 3, killed in step 5
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"])
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2  # unfinished: needs --resume
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--resume"]) == 0
+    a, b = weights(tmp_path / "base"), weights(tiny / "base")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(x.split('"step": ')[1].split(",")[0]) for x in open(tmp_path / "base.jsonl")]
+    assert steps == list(range(8))  # the log reads as one run
+
+
+def test_bcr_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
+    os.symlink(tiny / "base", tmp_path / "base")
+    full = tmp_path / "full"
+    full.mkdir()
+    os.symlink(tiny / "base", full / "base")
+    assert run(TINY + [f"--out_dir={full}", "--stage=bcr"]) == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, train, "packed_prompts", 3)
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr"])
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr", "--resume"]) == 0
+    a, b = weights(tmp_path / "bcr-s1"), weights(full / "bcr-s1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], weights(tiny / "base")[k]) for k in a)  # RL did change it
+
+
+def test_finished_stage_is_reused_and_a_changed_config_refused(tiny, capsys):
+    before = digest(tiny / "base")
+    assert run(TINY + [f"--out_dir={tiny}", "--stage=pretrain"]) == 0  # reused: nothing rewritten
+    assert digest(tiny / "base") == before
+    assert run(TINY + [f"--out_dir={tiny}", "--stage=pretrain", "--pt_lr=0.01", "--max_loops=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pt_lr" in err and "max_loops" in err
+    assert digest(tiny / "base") == before
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny, cut):
+    import shutil
+    shutil.copytree(tiny / "base", tmp_path / "base")
+    model, tok, meta = sample.load_checkpoint(tmp_path / "base")
+    calls = []
+    real = os.replace
+
+    def dying_replace(a, b):
+        calls.append(a)
+        if len(calls) == cut:
+            raise KeyboardInterrupt  # killed after the temporary write, at the cut-th rename
+        real(a, b)
+    monkeypatch.setattr(os, "replace", dying_replace)
+    cfg = train.parse_config(TINY)
+    with pytest.raises(KeyboardInterrupt):
+        train.save(str(tmp_path / "base"), model, tok, cfg, 99, False, train.new_optimizer(model, 1e-3), 0.0)
+    monkeypatch.setattr(os, "replace", real)
+    train.recover(str(tmp_path / "base"))
+    _, _, again = sample.load_checkpoint(tmp_path / "base")
+    assert again["step"] == meta["step"] == 8  # the old checkpoint, whole and loadable
+
+
+def test_nan_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real = train.F.cross_entropy
+    calls = []
+
+    def poisoned(*a, **k):
+        calls.append(1)
+        return real(*a, **k) * (float("nan") if len(calls) > 12 else 1.0)
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite" in err
+    _, _, meta = sample.load_checkpoint(tmp_path / "base")
+    assert meta["step"] in (3, 6) and not meta["done"]
+
+
+def test_full_pipeline_writes_the_report(tiny, tmp_path):
+    out = tmp_path / "all"
+    out.mkdir()
+    os.symlink(tiny / "base", out / "base")
+    assert run(TINY + [f"--out_dir={out}"]) == 0
+    import json
+    rep = json.load(open(out / "report.json"))
+    assert {r["name"] for r in rep["runs"]} == {"base", "bcr", "grpo", "lenpen"}
+    assert set(rep["findings"]) == {"free_lunch", "scaling_law", "loops_vanish", "length_penalty"}
+    row = rep["runs"][1]["eval"][0]
+    assert row["problems"] >= 8 and len(row["acc_by_slot"]) == row["N"] and 0 <= row["acc"] <= 1
+    assert (out / "report.md").read_text().startswith("# nanoBCR report")
+
+
+def corrupt(tiny, tmp_path, how):
+    import shutil
+    d = tmp_path / "ck"
+    shutil.copytree(tiny / "base", d)
+    if how == "missing":
+        os.remove(d / "model.safetensors")
+    elif how == "garbage":
+        (d / "model.safetensors").write_bytes(os.urandom(2000))
+    elif how == "truncated":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif how == "shape":
+        text = (d / "config.json").read_text().replace('"n_embd": 32', '"n_embd": 64')
+        (d / "config.json").write_text(text)
+    elif how == "json":
+        (d / "config.json").write_text("{not json")
+    elif how == "tokenizer":
+        (d / "tokenizer.json").write_text("[]")
+    return d
+
+
+BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=100000"], ["--temperature=-1"],
+             ["--stage=nope"], ["--eval_Ns=1,x"], ["--resume=maybe"], ["--preset=tpu"], ["--ops=*"],
+             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"]]
+
+
+@pytest.mark.parametrize("argv", BAD_TRAIN)
+def test_bad_train_flags_one_line_exit_2(argv, capsys, tiny):
+    code = run(TINY + [f"--out_dir={tiny}"] + argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_out_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert run(TINY + [f"--out_dir={f}"]) == 2 and "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer"])
+def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
+    d = corrupt(tiny, tmp_path, how)
+    before = digest(d)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(d), "--problems", "1+2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert digest(d) == before  # nothing already saved is touched
+
+
+BAD_SAMPLE = [["--problems", "4*5"], ["--problems", "4-9"], ["--temperature", "-1"], ["--top_k", "-2"],
+              ["--max_new", "100000"], ["--ckpt", "/nonexistent/folder"], ["--seed", "x"], ["--nope"]]
+
+
+@pytest.mark.parametrize("argv", BAD_SAMPLE)
+def test_bad_sample_flags_one_line_exit_2(argv, tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", str(tiny / "base")] + argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_subprocesses(tiny):
+    """The real entry points, as a user runs them: a good call, and bad ones with no traceback."""
+    ok = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny / "base"), "--problems", "3+4, 9-2",
+                         "--seed", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "problem 2: 9-2 ->" in ok.stdout
+    for cmd in (["train.py", "--N=-1"], ["sample.py", "--problems", "12+é"], ["tests/bench.py", "--rounds=0"],
+                ["tests/bench.py", "--ckpt", "/nonexistent"]):
+        p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, cmd
