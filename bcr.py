@@ -6,8 +6,11 @@ What one BCR step does here:
 2. Sample G completions of each, all under one hard cap of N*b new tokens for the whole packed
    answer. The cap is the only pressure towards brevity: verbosity on early problems leaves no room
    for later ones.
-3. Reward = the share of the N problems answered correctly. A problem the cap cut off scores 0,
-   the ones answered before keep their credit. No length term.
+3. Reward = the share of the N problems answered correctly, plus a small format term (the paper
+   has one too): format_bonus if the completion is exactly N labelled answers, then <eos>. A
+   problem the cap cut off scores 0, the ones answered before keep their credit. No length term.
+   (Without the format term, tokens after the last answer cost nothing, and measured here the
+   policy drifted within 30 steps into never stopping, every sample running to the cap.)
 4. GRPO: advantages normalised within each group of G samples of the same prompt, one on-policy
    policy-gradient step on -A * log p(token), averaged over all completion tokens of the batch.
 
@@ -15,8 +18,7 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
 - it is "GRPO" the way nanochat's chat_rl.py is: strictly on-policy with one update per batch, so
   the PPO ratio is always 1 and there is no clipping; no KL term by default (kl > 0 adds the k3
   estimate against the frozen base); token-level mean (DAPO style) by default;
-- no format reward (the base already writes the format perfectly); groups are "similar
-  difficulty" by having the same number of digit columns;
+- groups are "similar difficulty" by having the same number of digit columns;
 - variants worth ablating are switches: std_norm=False (REINFORCE with a group-mean baseline,
   Dr. GRPO style), token_mean=False (mean per sequence, then over sequences), slot_credit=True
   (problem k's advantage on the tokens that answer problem k, instead of one shared advantage),
@@ -33,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import EOS, PAD, encode, prompt
+from data import EOS, PAD, encode, prompt, segments
 from reward import score
 from sample import autocast, generate
 
@@ -59,20 +61,21 @@ def advantages(r, std_norm=True, eps=1e-4):
 
 def token_advantages(rewards, lengths, G, cap, cfg):
     """Per-token advantages (B, cap) for the completion tokens, and the scalar rewards (B,).
-    Shared credit: one reward per completion (accuracy over its N problems, minus the length term
-    if lenpen > 0), one advantage on all its tokens. Slot credit: problem k's reward, normalised
+    Shared credit: one reward per completion (accuracy over its N problems, plus the format term,
+    minus the length term if lenpen > 0), one advantage on all its tokens. Slot credit: problem k's reward, normalised
     across the group, on the tokens that reward.py attributes to problem k."""
     B = len(rewards)
-    pen = cfg.lenpen * lengths.float().cpu() / cap                            # (B,)
-    r = torch.tensor([x.acc for x in rewards]) - pen                          # (B,)
+    extra = cfg.format_bonus * torch.tensor([float(x.format_ok) for x in rewards])
+    extra -= cfg.lenpen * lengths.float().cpu() / cap                          # (B,)
+    r = torch.tensor([x.acc for x in rewards]) + extra                        # (B,)
     if not cfg.slot_credit:
         adv = advantages(r.view(-1, G), cfg.std_norm).view(B, 1)              # (B, 1)
         return adv.expand(B, cap), r
-    per = torch.tensor([x.correct for x in rewards]) - pen[:, None]           # (B, N)
+    per = torch.tensor([x.correct for x in rewards]) + extra[:, None]         # (B, N)
     adv = advantages(per.view(-1, G, per.shape[1]), cfg.std_norm).view(B, -1)  # (B, N)
     out = torch.zeros(B, cap)
     for i, x in enumerate(rewards):  # char offsets are token offsets (character-level tokenizer)
-        for start, end, k in x.segments:
+        for start, end, k in x.spans:
             out[i, start:end] = adv[i, k]
     return out, r
 
@@ -101,8 +104,9 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
         w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
     x, w, a = x.to(device), w.to(device), a.to(device)
+    seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids], device=device))  # (B, T-1)
     with autocast(device):
-        logits = model(x[:, :-1]).float()                                      # (B, T-1, V)
+        logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
     w, a = w[:, :-1], a[:, :-1]
@@ -110,7 +114,7 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
     stats = {}
     if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
         with torch.no_grad(), autocast(device):
-            ref_logp = F.log_softmax(ref(x[:, :-1]).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
+            ref_logp = F.log_softmax(ref(x[:, :-1], seg).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         d = ref_logp - logp
         kl = d.exp() - d - 1
         loss = loss + cfg.kl * (kl * w).sum()

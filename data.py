@@ -29,6 +29,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 SPECIALS = ["<pad>", "<eos>"]
 CHARS = "0123456789+-=: \nAQchk"
 PAD, EOS = 0, 1
+NEWLINE = len(SPECIALS) + CHARS.index("\n")
 
 
 class BadInput(ValueError):
@@ -158,6 +159,16 @@ def encode(tok, texts):
     return [e.ids for e in tok.encode_batch(texts)]
 
 
+def segments(idx, n_prompt):
+    """Problem index of every token, (B, T) from idx (B, T): line k of the prompt and solution k
+    of the completion are both segment k (1-based); the prompt is the first n_prompt tokens (an
+    int, or a (B,) tensor, one per row). model.py says why the model gets it."""
+    nl = (idx == NEWLINE).long()
+    before = nl.cumsum(1) - nl                                                # newlines before
+    completion = torch.arange(idx.shape[1], device=idx.device) >= torch.as_tensor(n_prompt).view(-1, 1)
+    return 1 + before - completion * (nl * ~completion).sum(1, keepdim=True)  # (B, T)
+
+
 # ----------------------------------------------------------------------------- batches
 
 def doc_rng(seed, step, i=0):
@@ -179,7 +190,7 @@ def pretrain_doc(rng, cfg, max_N, verbose):
 
 
 def pretrain_batch(tok, cfg, step, rank=0, world=1):
-    """(idx, targets) for one step, each (B, T): cfg.pt_docs documents, sorted by length so that
+    """(idx, seg, targets) for one step, each (B, T): cfg.pt_docs documents, sorted by length so that
     right-padding wastes little, split into micro-batches of about cfg.pt_micro_tokens tokens.
     This rank takes every world-th document. targets are -1 on prompt and pad positions: the loss
     is only on the completion (the minGPT adder's trick). Returns a list of micro-batches and the
@@ -211,7 +222,7 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
                 x = torch.tensor(x)
                 idx[j, :len(x) - 1] = x[:-1]
                 tgt[j, n - 1:len(x) - 1] = x[n:]  # predict every completion token, EOS included
-            out.append((idx, tgt))
+            out.append((idx, segments(idx, torch.tensor([n for _, n in micro])), tgt))
             micro = []
         micro.append(r)
     return out, n_targets

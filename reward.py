@@ -25,11 +25,11 @@ LOOP = re.compile(r"chk (?<!\d)\d+[+-]\d+(?:[+-]1)?=\d+")  # the same step, re-c
 class Reward:
     correct: list    # (N,) 1.0 where problem k's answer is right, else 0.0
     answers: list    # (N,) the parsed integer answers, None where a problem got none
-    segments: list   # (start, end, k): chars start..end-1 are the work towards problem k (0-based);
+    spans: list      # (start, end, k): chars start..end-1 are the work towards problem k (0-based);
                      # they cover the text and the <eos> slot after it, for per-slot credit
     loops: int       # re-check loops in the whole completion
     steps: int       # necessary steps (step patterns that are not re-checks)
-    format_ok: bool  # exactly N answers, labelled 1..N, in order
+    format_ok: bool  # exactly N answers, labelled 1..N, in order, then <eos> (not cut by the cap)
     truncated: bool  # the cap cut the completion before <eos>
 
     @property
@@ -39,7 +39,7 @@ class Reward:
 
 def score(text, problems, truncated=False):
     N = len(problems)
-    answers, labels, segments, start = [None] * N, [], [], 0
+    answers, labels, spans, start = [None] * N, [], [], 0
     for m in ANSWER.finditer(text):
         k = int(m.group(1)) - 1
         if not 0 <= k < N:
@@ -48,11 +48,11 @@ def score(text, problems, truncated=False):
         digits = m.group(2).lstrip("-")
         if answers[k] is None and len(digits) <= 30:
             answers[k] = int(m.group(2))
-        segments.append((start, m.end(), k))
+        spans.append((start, m.end(), k))
         start = m.end()
     # what follows the last answer is work towards the next problem (or just <eos> when all done)
-    segments.append((start, len(text) + 1, min(labels[-1] + 1, N - 1) if labels else 0))
+    spans.append((start, len(text) + 1, min(labels[-1] + 1, N - 1) if labels else 0))
     correct = [float(a is not None and a == answer(p)) for a, p in zip(answers, problems)]
     loops = len(LOOP.findall(text))
-    return Reward(correct, answers, segments, loops, len(STEP.findall(text)) - loops,
-                  labels == list(range(N)), truncated)
+    return Reward(correct, answers, spans, loops, len(STEP.findall(text)) - loops,
+                  labels == list(range(N)) and not truncated, truncated)

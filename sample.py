@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from data import EOS, PAD, BadInput, encode, load_tokenizer, parse_problems, prompt
+from data import EOS, NEWLINE, PAD, BadInput, encode, load_tokenizer, parse_problems, prompt, segments
 from model import KVCache, load_model
 
 
@@ -104,28 +104,33 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
     B = len(prompts)
     caps = torch.as_tensor(max_new, device=device).expand(B)                  # (B,)
     n_steps = int(caps.max())
-    idx, pos, valid_p = left_pad(prompts, device)
+    idx, pos, valid = left_pad(prompts, device)
     Tp = idx.shape[1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = KVCache(model.cfg, B, Tp + n_steps, device, dtype)
-    valid = torch.zeros(B, Tp + n_steps, dtype=torch.bool, device=device)    # (B, S) keys written
-    valid[:, :Tp] = valid_p
+    # key bias over the whole cache: 0 where a slot holds a real token, -inf for pads and slots
+    # not written yet. One-token steps take it as their additive mask, updated in place.
+    bias = torch.full((B, 1, 1, Tp + n_steps), float("-inf"), device=device)   # (B, 1, 1, S)
+    bias[:, 0, 0, :Tp].masked_fill_(valid, 0.0)
     out = torch.full((B, n_steps), PAD, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     with autocast(device):
-        logits = model(idx, pos, prefill_mask(valid_p), cache, 0)[:, -1]      # (B, V)
+        logits = model(idx, segments(idx, Tp), pos, prefill_mask(valid), cache, 0)[:, -1]  # (B, V)
     tok, pos, t = idx[:, -1].clone(), pos[:, -1].clone(), torch.tensor([Tp - 1], device=device)
+    seg = torch.ones(B, dtype=torch.long, device=device)  # the completion's first problem is 1
 
     def static_step():  # everything in here is a tensor op on fixed shapes: graph-capturable
         pos.add_(1)
         t.add_(1)
-        valid.index_fill_(1, t, True)
+        bias.index_fill_(3, t, 0.0)
         with autocast(device):
-            return model(tok[:, None], pos[:, None], valid[:, None, None, :], cache, t)[:, -1]
+            logits = model(tok[:, None], seg[:, None], pos[:, None], bias, cache, t)[:, -1]
+        seg.add_(tok == NEWLINE)  # after a newline, the next problem
+        return logits
 
     graph = None
     if mode == "graph" and n_steps > 1:
-        graph, logits_buf = capture(static_step, (pos, t, valid), device)
+        graph, logits_buf = capture(static_step, (pos, t, bias, seg), device)
     for i in range(n_steps):
         nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)  # (B,)
         out[:, i] = nxt
@@ -138,10 +143,11 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
             logits = logits_buf
         elif mode == "eager":
             pos.add_(1)
-            valid[:, Tp + i] = True
+            bias[..., Tp + i] = 0.0
             with autocast(device):
-                logits = model(tok[:, None], pos[:, None], valid[:, None, None, :Tp + i + 1],
-                               cache, Tp + i)[:, -1]
+                logits = model(tok[:, None], seg[:, None], pos[:, None], bias[..., :Tp + i + 1], cache,
+                               Tp + i)[:, -1]
+            seg.add_(tok == NEWLINE)
         else:
             logits = static_step()
     return out, (out != PAD).sum(1)
@@ -173,9 +179,10 @@ def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=
     idx, pos, valid = left_pad(prompts, device)
     out = torch.full((len(prompts), max_new), PAD, device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    Tp = idx.shape[1]
     for i in range(max_new):
         with autocast(device):
-            logits = model(idx, pos, prefill_mask(valid))[:, -1]            # (B, V)
+            logits = model(idx, segments(idx, Tp), pos, prefill_mask(valid))[:, -1]  # (B, V)
         nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)
         out[:, i] = nxt
         done |= nxt == EOS
@@ -209,6 +216,8 @@ def main(argv=None):
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
         model, tok, _ = load_checkpoint(args.ckpt, device)
+        if len(problems) > model.cfg.n_seg - 2:
+            raise BadInput(f"at most {model.cfg.n_seg - 2} problems at once (got {len(problems)})")
         ids = encode(tok, [prompt(problems)])[0]
         room = model.cfg.block_size - len(ids)
         if room < 1 or args.max_new > room:

@@ -19,7 +19,6 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bcr
-from data import (BadInput, build_tokenizer, doc_rng, is_heldout, packed_prompts, prompt, pretrain_batch,
+from data import (BadInput, build_tokenizer, doc_rng, packed_prompts, prompt, pretrain_batch,
                   sample_problem, solution)
 from model import GPT, GPTConfig, load_model, save_model
 from sample import ArgParser, fail, load_checkpoint, pick_device
@@ -67,12 +66,12 @@ class Config:
     max_loops: int = F_(4, "most re-checks in a row")
     # pretraining
     base_seed: int = F_(0, "seed of the base model's init and data")
-    pt_steps: int = F_(700, "pretraining steps")
-    pt_docs: int = F_(64, "documents per pretraining step")
+    pt_steps: int = F_(1600, "pretraining steps")
+    pt_docs: int = F_(32, "documents per pretraining step (small batches, many updates: measured faster)")
     pt_micro_tokens: int = F_(4096, "padded tokens per micro-batch")
     pt_lr: float = F_(2e-3, "peak learning rate of pretraining")
     pt_grow_N: float = F_(0.5, "share of pretraining over which the largest N grows from 2 to max_N")
-    pt_concise: float = F_(0.85, "share of pretraining with mostly concise traces before all verbose")
+    pt_concise: float = F_(0.7, "share of pretraining with mostly concise traces before all verbose")
     warmup: int = F_(30, "linear warm-up steps")
     grad_clip: float = F_(1.0, "gradient-norm clip")
     # RL
@@ -81,12 +80,13 @@ class Config:
     G: int = F_(8, "samples per prompt (the GRPO group)")
     prompts: int = F_(8, "packed prompts per RL step")
     rl_steps: int = F_(60, "RL steps of each RL stage")
-    rl_lr: float = F_(3e-4, "RL learning rate (constant after warm-up)")
+    rl_lr: float = F_(1e-4, "RL learning rate (constant after warm-up; 3e-4 degraded the base under vanilla GRPO)")
     temperature: float = F_(1.0, "sampling temperature in RL and in sampled evaluation")
     std_norm: bool = F_(True, "divide advantages by the group's std (False: Dr. GRPO / REINFORCE)")
     token_mean: bool = F_(True, "average the loss over tokens (False: per sequence, then over sequences)")
     slot_credit: bool = F_(False, "problem k's advantage on problem k's tokens (False: one shared reward)")
     kl: float = F_(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
+    format_bonus: float = F_(0.1, "reward for exactly N labelled answers followed by <eos>")
     lenpen: float = F_(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
     # evaluation
     eval_problems: int = F_(512, "held-out problems per N")
@@ -103,7 +103,7 @@ MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "base_seed",
                           "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_grow_N", "pt_concise", "warmup", "grad_clip")
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
-                       "token_mean", "slot_credit", "kl", "lenpen")
+                       "token_mean", "slot_credit", "kl", "format_bonus", "lenpen")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
 STAGES = ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report")
 
@@ -151,7 +151,8 @@ def validate(cfg):
     need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
     need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
     need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")), "--eval_Ns must be a comma-separated list of integers")
-    need(min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) >= 1, "N, max_N and every eval N must be >= 1")
+    need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
+         "N, max_N and every eval N must be between 1 and 14")
     need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
     need(min(cfg.seeds, cfg.G, cfg.prompts, cfg.max_digits, cfg.eval_problems, cfg.eval_batch) >= 1,
          "seeds, G, prompts, max_digits, eval_problems and eval_batch must be >= 1")
@@ -347,10 +348,10 @@ def pretrain(cfg, tok, rank, world, device):
         lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
         micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
         loss_sum, n_tok = 0.0, 0
-        for idx, tgt in micro:
-            idx, tgt = idx.to(device), tgt.to(device)                        # (b, T) each
+        for idx, seg, tgt in micro:
+            idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
             with bcr.autocast(device):
-                logits = fwd(idx)                                            # (b, T, V)
+                logits = fwd(idx, seg)                                       # (b, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
                                    reduction="sum") / n_targets              # global token mean
             loss.backward()
@@ -415,8 +416,8 @@ def evaluation(cfg, run, rank, world, device):
     room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(eval_Ns(cfg))))
     plan = [(N, budget(cfg), t) for t in (cfg.temperature, 0.0) for N in eval_Ns(cfg)]
     plan += [(N, room, cfg.temperature) for N in eval_Ns(cfg)] if run == "base" else []
-    rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
-                         decode_mode(cfg, device), rank, world) for N, c, t in plan]
+    rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, decode_mode(cfg, device),
+                         rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
     out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
     if rank == 0:
         with open(path + ".tmp", "w") as f:

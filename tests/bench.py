@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bcr  # noqa: E402
 import sample  # noqa: E402
-from data import BadInput, build_tokenizer, doc_rng, packed_prompts  # noqa: E402
+from data import BadInput, build_tokenizer, doc_rng, packed_prompts, segments  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import ArgParser, autocast, fail, load_checkpoint, pick_device  # noqa: E402
 
@@ -111,11 +111,12 @@ def bench_train(model, device, n_rounds, rows=16, T=256):
     """fwd+bwd+AdamW on (rows, T) batches: tokens/s and MFU (6*params + attention FLOPs per token)."""
     cfg = model.cfg
     x = torch.randint(2, cfg.vocab_size, (rows, T + 1), device=device)
+    seg = segments(x[:, :-1], T // 4)
 
     def step_fn(m, opt, hf=False):
         def go():
             with autocast(device):
-                logits = m(x[:, :-1]).logits if hf else m(x[:, :-1])
+                logits = m(x[:, :-1]).logits if hf else m(x[:, :-1], seg)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
             opt.step()
@@ -146,7 +147,7 @@ def bench_rl(model, device, n_rounds):
     tok = build_tokenizer()
     cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
                           else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
-                          lenpen=0.0, grad_clip=1.0)
+                          lenpen=0.0, format_bonus=0.1, grad_clip=1.0)
     opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is
     splits, total = [], []
     for step in range(n_rounds + 1):

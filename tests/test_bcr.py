@@ -1,17 +1,16 @@
 """Advantages, per-token credit, the policy-gradient loss and its variants, packing under the cap."""
-import random
 from types import SimpleNamespace
 
 import torch
 
 from bcr import advantages, pg_loss, rollout, token_advantages
-from data import EOS, build_tokenizer, solution
+from data import EOS, build_tokenizer, segments, solution
 from reward import score
 from test_sample import random_gpt
 
 
 def cfg(**kw):
-    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0)
+    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0, format_bonus=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -70,9 +69,10 @@ def test_pg_loss_normalisation_and_gradient_direction():
     adv = torch.tensor([[1.0] * 4, [-1.0] * 4])
     loss_tok, st = pg_loss(model, ids, out, n, adv, 5.0, cfg())
     # hand check: token mean = -(sum of A*logp over the 5 completion tokens) / 5
-    logp = torch.log_softmax(model(torch.tensor([[5, 6, 7, 10, 11]]))[0], -1)
+    run = lambda row, n: model(torch.tensor([row]), segments(torch.tensor([row]), n))[0]  # noqa: E731
+    logp = torch.log_softmax(run([5, 6, 7, 10, 11], 3), -1)
     lp0 = logp[2, 10] + logp[3, 11] + logp[4, EOS]
-    logp1 = torch.log_softmax(model(torch.tensor([[8, 9, 12]]))[0], -1)
+    logp1 = torch.log_softmax(run([8, 9, 12], 2), -1)
     lp1 = logp1[1, 12] + logp1[2, EOS]
     assert torch.allclose(loss_tok, -(lp0 - lp1) / 5, atol=1e-5)
     loss_seq, _ = pg_loss(model, ids, out, n, adv, 2.0, cfg(token_mean=False))
@@ -83,7 +83,7 @@ def test_pg_loss_normalisation_and_gradient_direction():
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.05 * p.grad
-    after = torch.log_softmax(model(torch.tensor([[5, 6, 7, 10, 11]]))[0], -1)
+    after = torch.log_softmax(run([5, 6, 7, 10, 11], 3), -1)
     assert after[2, 10] + after[3, 11] + after[4, EOS] > lp0
 
 

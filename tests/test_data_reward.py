@@ -9,8 +9,8 @@ from data import (CHARS, EOS, PAD, BadInput, build_tokenizer, encode, is_heldout
                   parse_problems, pretrain_batch, prompt, sample_problem, solution, steps)
 from reward import score
 
-CFG = SimpleNamespace(max_digits=3, ops="+-", max_N=8, p_loop=0.6, p_again=0.4, max_loops=4,
-                      base_seed=0, pt_docs=24, pt_micro_tokens=2048, block_size=640)
+CFG = SimpleNamespace(max_digits=3, ops="+-", max_N=8, p_loop=0.6, p_again=0.4, max_loops=4, base_seed=0,
+                      pt_docs=24, pt_micro_tokens=2048, block_size=640, pt_steps=100, pt_grow_N=0.5, pt_concise=0.7)
 
 
 def replay_steps(p):
@@ -91,23 +91,28 @@ def test_parse_problems_cli_syntax():
 
 def test_pretrain_batch_masks_prompt_and_is_a_function_of_step():
     tok = build_tokenizer()
-    micro, n_targets = pretrain_batch(tok, CFG, step=5)
-    again, _ = pretrain_batch(tok, CFG, step=5)
-    assert all((a == c).all() and (b == d).all() for (a, b), (c, d) in zip(micro, again))
-    assert n_targets == sum(int((t >= 0).sum()) for _, t in micro)
-    real = sum(int((x != PAD).sum()) for x, _ in micro)
-    assert real / sum(x.numel() for x, _ in micro) > 0.7  # length bucketing keeps padding small
-    for x, t in micro:
-        for row_x, row_t in zip(x.tolist(), t.tolist()):
+    micro, n_targets = pretrain_batch(tok, CFG, step=85)  # late: N up to 8, all verbose
+    again, _ = pretrain_batch(tok, CFG, step=85)
+    assert all(all((a == b).all() for a, b in zip(m1, m2)) for m1, m2 in zip(micro, again))
+    assert n_targets == sum(int((t >= 0).sum()) for *_, t in micro)
+    real = sum(int((x != PAD).sum()) for x, *_ in micro)
+    assert real / sum(x.numel() for x, *_ in micro) > 0.85  # length bucketing keeps padding small
+    for x, seg, t in micro:
+        for row_x, row_s, row_t in zip(x.tolist(), seg.tolist(), t.tolist()):
             text = tok.decode(row_x)
             first = row_t.index(next(v for v in row_t if v >= 0))
             # the first target is the first completion token: everything before is the prompt
             assert text[:first + 1].endswith("\n") and "A" not in text[:first + 1]
             assert text[first + 1:].startswith("Q1:")  # the completion opens by restating problem 1
             assert row_t[first:].count(EOS) == 1
+            # segments: prompt line k and solution k share index k
+            n = text[:first + 1].count("\n")
+            assert row_s[0] == 1 and row_s[first] == n and row_s[first + 1] == 1
+            k2 = text.index("Q2:", first + 1) if n > 1 else None
+            assert k2 is None or (row_s[k2] == 2 and row_s[k2 - 1] == 1)
     # two processes see disjoint halves of the same global batch
-    halves = [pretrain_batch(tok, CFG, 5, r, 2) for r in (0, 1)]
-    assert sum(int((t >= 0).sum()) for h, _ in halves for _, t in h) == n_targets
+    halves = [pretrain_batch(tok, CFG, 85, r, 2) for r in (0, 1)]
+    assert sum(int((t >= 0).sum()) for h, _ in halves for *_, t in h) == n_targets
 
 
 PROBS = [(47, "+", 85), (52, "-", 17), (9, "+", 3)]
@@ -117,7 +122,7 @@ def test_score_rules():
     full = "".join(solution(p, k, random.Random(k), 1.0, 0.5) for k, p in enumerate(PROBS, 1))
     r = score(full, PROBS)
     assert r.correct == [1.0, 1.0, 1.0] and r.format_ok and r.loops >= 3 and r.steps == 2 + 2 + 1
-    assert r.segments[-1] == (len(full), len(full) + 1, 2)  # <eos> belongs to the last problem
+    assert r.spans[-1] == (len(full), len(full) + 1, 2)  # <eos> belongs to the last problem
     cut = full[:full.index("A3:") + 4]  # the cap hit inside the last answer: "A3:1" is no answer
     r = score(cut, PROBS, truncated=True)
     assert r.correct == [1.0, 1.0, 0.0] and r.answers[2] is None and r.truncated
@@ -127,7 +132,7 @@ def test_score_rules():
     assert score("A1:0132\nA2:+35\nA3:-12\n", PROBS).correct == [1.0, 0.0, 0.0]  # leading zeros ok
     assert score("A9:1\nA0:1\nA-1:3\n", PROBS).correct == [0.0] * 3
     assert score("A1:" + "9" * 50000 + "\n", PROBS).answers[0] is None  # no int() overflow error
-    assert score("", PROBS).segments == [(0, 1, 0)]
+    assert score("", PROBS).spans == [(0, 1, 0)]
 
 
 @settings(max_examples=3000, deadline=None)
@@ -137,8 +142,8 @@ def test_score_never_raises_on_vocabulary_soup(parts, truncated):
     text = "".join(parts)
     r = score(text, PROBS, truncated)
     assert len(r.correct) == len(r.answers) == 3 and r.loops >= 0 and r.steps >= 0
-    covered = [i for s, e, _ in r.segments for i in range(s, e)]
-    assert covered == list(range(len(text) + 1)) and all(0 <= k < 3 for *_, k in r.segments)
+    covered = [i for s, e, _ in r.spans for i in range(s, e)]
+    assert covered == list(range(len(text) + 1)) and all(0 <= k < 3 for *_, k in r.spans)
 
 
 @settings(max_examples=2000, deadline=None)

@@ -3,7 +3,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,7 +11,7 @@ from safetensors.torch import load_file
 import bcr
 import sample
 import train
-from data import build_tokenizer, doc_rng, packed_prompts
+from data import doc_rng, packed_prompts
 from test_train import TINY, run, tiny  # noqa: F401  (the module-scoped tiny base)
 
 

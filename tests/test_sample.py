@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from data import EOS, PAD
 from model import GPT, GPTConfig, KVCache
+from data import segments
 from sample import generate, generate_naive, left_pad, prefill_mask
 
 
@@ -26,24 +27,28 @@ def test_cached_logits_match_uncached_forward():
     model = random_gpt()
     g = torch.Generator().manual_seed(0)
     cont = torch.randint(2, 23, (len(PROMPTS), 6), generator=g)  # (B, 6) tokens fed one at a time
+    cont[:, 2] = 17  # a newline: the segment index must advance the same way on both paths
     idx, pos, valid = left_pad(PROMPTS, "cpu")
     Tp = idx.shape[1]
+    full_idx = torch.cat([idx, cont[:, :5]], 1)                              # (B, Tp+5)
+    full_pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, 6)], 1)
+    full_valid = torch.cat([valid, torch.ones(len(PROMPTS), 5, dtype=torch.bool)], 1)
+    seg = segments(full_idx, Tp)
     cache = KVCache(model.cfg, len(PROMPTS), Tp + 6, "cpu", torch.float32)
     with torch.no_grad():
-        cached = [model(idx, pos, prefill_mask(valid), cache, 0)[:, -1]]
+        cached = [model(idx, seg[:, :Tp], pos, prefill_mask(valid), cache, 0)[:, -1]]
         for i in range(5):
-            keys = torch.cat([valid, torch.ones(len(PROMPTS), i + 1, dtype=torch.bool)], 1)
-            cached.append(model(cont[:, i:i + 1], pos[:, -1:] + i + 1, keys[:, None, None], cache, Tp + i)[:, -1])
-        full_idx = torch.cat([idx, cont[:, :5]], 1)
-        full_pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, 6)], 1)
-        full_valid = torch.cat([valid, torch.ones(len(PROMPTS), 5, dtype=torch.bool)], 1)
-        full = model(full_idx, full_pos, prefill_mask(full_valid))  # (B, Tp+5, V), no cache
+            bias = torch.zeros(full_valid[:, :Tp + i + 1].shape).masked_fill(~full_valid[:, :Tp + i + 1], float("-inf"))
+            cached.append(model(cont[:, i:i + 1], seg[:, Tp + i:Tp + i + 1], pos[:, -1:] + i + 1, bias[:, None, None],
+                                cache, Tp + i)[:, -1])
+        full = model(full_idx, seg, full_pos, prefill_mask(full_valid))  # (B, Tp+5, V), no cache
     for i, logits in enumerate(cached):
         assert (logits - full[:, Tp - 1 + i]).abs().max() < 1e-4
     # and left padding is invisible: each row alone, unpadded, gives the same last logits
     with torch.no_grad():
         for b, p in enumerate(PROMPTS):
-            alone = model(torch.tensor([p]))[0, -1]
+            x = torch.tensor([p])
+            alone = model(x, segments(x, len(p)))[0, -1]
             assert (alone - full[b, Tp - 1]).abs().max() < 1e-4
 
 
@@ -87,7 +92,7 @@ class StopAt(nn.Module):
         self.wte = nn.Embedding(23, 2)
         self.at = at
 
-    def forward(self, idx, pos, mask=None, cache=None, t0=0):
+    def forward(self, idx, seg, pos, mask=None, cache=None, t0=0):
         logits = torch.full((*idx.shape, 23), -10.0)
         logits[..., 5] = 0.0
         logits[..., EOS] = torch.where(pos >= self.at, 10.0, -10.0)

@@ -67,18 +67,20 @@ def test_pretrain_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
     assert steps == list(range(8))  # the log reads as one run
 
 
-def test_bcr_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
+def test_rl_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
+    """The length-penalty stage runs the same RL loop as BCR; its reward varies with length even
+    for this 8-step base, so every step really updates the weights."""
     os.symlink(tiny / "base", tmp_path / "base")
     full = tmp_path / "full"
     full.mkdir()
     os.symlink(tiny / "base", full / "base")
-    assert run(TINY + [f"--out_dir={full}", "--stage=bcr"]) == 0
+    assert run(TINY + [f"--out_dir={full}", "--stage=lenpen"]) == 0
     with monkeypatch.context() as m:
-        interrupt_at(m, train, "packed_prompts", 3)
+        interrupt_at(m, train, "doc_rng", 3)  # checkpoint at step 3, killed in step 3
         with pytest.raises(KeyboardInterrupt):
-            run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr"])
-    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr", "--resume"]) == 0
-    a, b = weights(tmp_path / "bcr-s1"), weights(full / "bcr-s1")
+            run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen"])
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen", "--resume"]) == 0
+    a, b = weights(tmp_path / "lenpen-s1"), weights(full / "lenpen-s1")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], weights(tiny / "base")[k]) for k in a)  # RL did change it
 
@@ -125,8 +127,8 @@ def test_nan_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
         return real(*a, **k) * (float("nan") if len(calls) > 12 else 1.0)
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "non-finite" in err
+    err = capsys.readouterr().err.strip()  # the progress bar's lines, then the one-line error
+    assert err.splitlines()[-1].startswith("error: non-finite") and "Traceback" not in err
     _, _, meta = sample.load_checkpoint(tmp_path / "base")
     assert meta["step"] in (3, 6) and not meta["done"]
 
