@@ -184,11 +184,12 @@ def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = [x for part in gathered for x in part]
-    n_prob = len(results) * N
+    n_prob, tokens = len(results) * N, torch.tensor([float(k) for _, k in results])
     return {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
             "problems": n_prob,
             "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
-            "tokens_per_problem": sum(k for _, k in results) / n_prob,
+            "tokens_per_problem": tokens.sum().item() / n_prob,
+            "tokens_per_problem_se": (tokens.std() / N / len(results) ** 0.5).item(),  # standard error
             "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
             "steps_per_problem": sum(r.steps for r, _ in results) / n_prob,
             "truncation_rate": sum(r.truncated for r, _ in results) / len(results),

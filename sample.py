@@ -20,6 +20,7 @@ CLI:  python sample.py --ckpt out/bcr --problems "47+85, 602-58"
 import argparse
 import contextlib
 import sys
+import warnings
 
 import torch
 
@@ -130,7 +131,11 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
 
     graph = None
     if mode == "graph" and n_steps > 1:
-        graph, logits_buf = capture(static_step, (pos, t, bias, seg), device)
+        try:
+            graph, logits_buf = capture(static_step, (pos, t, bias, seg), device)
+        except RuntimeError as e:  # the eager fallback: same tokens, just slower
+            warnings.warn(f"CUDA graph capture failed, decoding eagerly instead ({str(e).splitlines()[0]})")
+            mode = "static"
     for i in range(n_steps):
         nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)  # (B,)
         out[:, i] = nxt
@@ -155,20 +160,23 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
 
 def capture(step, state, device):
     """Record step() in a CUDA graph. Warm-up runs (on a side stream, as CUDA graphs require)
-    advance the step's in-place state, so it is saved before and restored after."""
+    advance the step's in-place state, so it is saved before and restored after, even on failure.
+    The cache slots they write are hidden by the restored bias until real tokens overwrite them."""
     saved = [s.clone() for s in state]
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = step()
-    for s, v in zip(state, saved):
-        s.copy_(v)
-    return graph, logits
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        return graph, logits
+    finally:
+        for s, v in zip(state, saved):
+            s.copy_(v)
 
 
 @torch.inference_mode()
