@@ -8,14 +8,14 @@ writes <pad>.
 
 CUDA-aware by construction: the decode loop never asks the host for a value, except one cheap
 "are all rows done?" every 16 tokens; the cache, masks and RoPE tables have fixed shapes, so the
-one-token step can be captured in a CUDA graph (graph=True) and replayed; bf16 autocast on CUDA.
+one-token step can be captured in a CUDA graph (mode="graph") and replayed; bf16 autocast on CUDA.
 Three decode paths, all tested to agree:
 - eager (default on CPU): attends over the cache slots written so far;
 - static: attends over the whole cache behind a mask, with no Python int in the step (graph-ready);
 - graph: the static step captured once in a CUDA graph (CUDA only);
 and generate_naive() beside them, which recomputes the whole sequence for every token.
 
-CLI:  python sample.py --ckpt out/bcr --problems "47+85, 602-58"
+CLI:  python sample.py --ckpt out/bcr-s1 --problems "47+85, 52-17"
 """
 import argparse
 import contextlib
@@ -210,9 +210,11 @@ def main(argv=None):
     from reward import score  # only the CLI needs it
 
     ap = ArgParser(description="Solve arithmetic problems with a nanoBCR checkpoint.")
-    ap.add_argument("--ckpt", default="out/bcr", help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
-    ap.add_argument("--problems", default="47+85, 602-58", help="comma-separated problems, e.g. '47+85, 602-58'")
-    ap.add_argument("--max_new", type=int, default=0, help="hard cap on new tokens (0: as much as the model's context allows)")
+    ap.add_argument("--ckpt", default="out/bcr-s1",
+                    help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    ap.add_argument("--problems", default="47+85, 52-17", help="comma-separated problems, e.g. '47+85, 52-17'")
+    ap.add_argument("--max_new", type=int, default=0,
+                    help="hard cap on new tokens (0: as much as the model's context allows)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")

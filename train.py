@@ -101,7 +101,8 @@ PRESETS = {"cpu": {}, "gpu": dict(n_layer=6, n_head=8, n_embd=256, pt_docs=64, p
                                   prompts=32, eval_batch=512)}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "base_seed",
-                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_grow_N", "pt_concise", "warmup", "grad_clip")
+                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_grow_N", "pt_concise", "warmup",
+                          "grad_clip")
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
                        "token_mean", "slot_credit", "kl", "format_bonus", "lenpen")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
@@ -150,7 +151,8 @@ def validate(cfg):
             raise BadInput(msg)
     need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
     need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
-    need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")), "--eval_Ns must be a comma-separated list of integers")
+    need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")),
+         "--eval_Ns must be a comma-separated list of integers")
     need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
          "N, max_N and every eval N must be between 1 and 14")
     need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
@@ -326,7 +328,8 @@ def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
         log({"step": step, **row})
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops") if k in row})
         if rank == 0 and (step + 1 == total or (step + 1) % cfg.save_every == 0):
-            save(folder, model, build_tokenizer(), cfg, step + 1, step + 1 == total, opt, wall + time.perf_counter() - t0)
+            save(folder, model, build_tokenizer(), cfg, step + 1, step + 1 == total, opt,
+                 wall + time.perf_counter() - t0)
     if total == start and rank == 0:
         save(folder, model, build_tokenizer(), cfg, total, True, opt, wall)
     if world > 1:
@@ -457,7 +460,8 @@ def findings(cfg, ev):
                                    <= 2 * math.hypot(a["tokens_per_problem_se"], b["tokens_per_problem_se"])
                                    for a, b in zip(rows, rows[1:]))))
         f["gainN"].append(pick(r, max(Ns))["acc"] - bN["acc"])
-        f["grpo_loops"].append(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"] / max(b1["loops_per_problem"], 1e-9))
+        grpo_loops = pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"]
+        f["grpo_loops"].append(grpo_loops / max(b1["loops_per_problem"], 1e-9))
         lp = pick(ev[f"lenpen-s{s}"]["rows"], 1)
         f["lp_acc"].append(lp["acc"] - b1["acc"])
         f["lp_tok"].append(lp["tokens_per_problem"] / b1["tokens_per_problem"])
@@ -500,14 +504,15 @@ def write_report(cfg, device, wall):
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_s": wall, "runs": [], "findings": findings(cfg, ev)}
     for run in runs(cfg):
-        rows = [r for r in ev[run]["rows"] if not r.get("room")]
+        tagged = [dict(r, room=r["budget"] != budget(cfg)) for r in ev[run]["rows"]]  # the base's extra sweep
+        rows = [r for r in tagged if not r["room"]]
         name, _, seed = run.partition("-s")
         entry = {"name": name, "seed": int(seed) if seed else None, "eval": rows,
                  "free_lunch": {k: pick(rows, 1)[k] for k in ("budget", "acc", "tokens_per_problem",
                                                                "loops_per_problem", "steps_per_problem")},
                  "curve": curve(f"{cfg.out_dir}/{run}.jsonl") if name != "base" else []}
         if run == "base":
-            entry["eval_room"] = [r for r in ev[run]["rows"] if r.get("room")]
+            entry["eval_room"] = [r for r in tagged if r["room"]]
         report["runs"].append(entry)
     with open(f"{cfg.out_dir}/report.json", "w") as f:
         json.dump(report, f, indent=1)
@@ -523,18 +528,20 @@ def markdown(rep):
     out.append("## Findings\n")
     for k, v in rep["findings"].items():
         out.append(f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}.")
-    head = "| model | seed | N | budget | acc | tokens/problem | loops/problem | steps/problem | truncated | acc by slot |"
-    for title, sel in ((f"Sampled (T={cfg['temperature']}) under the shared budget C", lambda r: r["decoding"] == "sample"),
+    head = ("| model | seed | N | budget | acc | tokens/problem | loops/problem | steps/problem | truncated "
+            "| acc by slot |")
+    for title, sel in ((f"Sampled (T={cfg['temperature']}) under the shared budget C (and the base with room)",
+                        lambda r: r["decoding"] == "sample"),
                        ("Greedy under the shared budget C", lambda r: r["decoding"] == "greedy")):
         out += [f"\n## {title}\n", head, "|" + "---|" * 10]
         for run in rep["runs"]:
             for r in filter(sel, run["eval"] + run.get("eval_room", [])):
                 out.append(f"| {run['name']}{' (room)' if r.get('room') else ''} | {run['seed'] or '-'} | {r['N']} | "
-                           f"{r['budget']} | {r['acc']:.3f} | {r['tokens_per_problem']:.1f} | {r['loops_per_problem']:.2f} | "
-                           f"{r['steps_per_problem']:.2f} | {r['truncation_rate']:.2f} | "
-                           + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
-    out += ["\n## Training curves (RL: rollout batch means)\n", "| run | step | reward | acc | tokens | loops | truncated |",
-            "|" + "---|" * 7]
+                           f"{r['budget']} | {r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
+                           f"{r['loops_per_problem']:.2f} | {r['steps_per_problem']:.2f} | "
+                           f"{r['truncation_rate']:.2f} | " + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
+    out += ["\n## Training curves (RL: rollout batch means)\n",
+            "| run | step | reward | acc | tokens | loops | truncated |", "|" + "---|" * 7]
     for run in rep["runs"]:
         for c in run["curve"]:
             out.append(f"| {run['name']}-s{run['seed']} | {c['step']} | {c['reward']:.3f} | {c['acc']:.3f} | "
@@ -570,7 +577,8 @@ def main(argv=None):
         rank, world, device = setup(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
-        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"), "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
+        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"),
+                  "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
         if cfg.stage != "pretrain" and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
             stages = ("pretrain",) + stages  # every later stage needs the base
         wall = {}

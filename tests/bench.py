@@ -170,14 +170,14 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
-    ap.add_argument("--n_head", type=int, default=4, help="attention heads")
+    ap.add_argument("--n_head", type=int, default=8, help="attention heads")
     args = ap.parse_args(argv)
     try:
         if args.rounds < 1:
             raise BadInput("--rounds must be >= 1")
         device = pick_device(args.device)
         torch.manual_seed(0)
-        cfg = GPTConfig(vocab_size=23, block_size=640, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+        cfg = GPTConfig(vocab_size=23, block_size=768, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         model = load_checkpoint(args.ckpt, device)[0] if args.ckpt else GPT(cfg).to(device).eval()
     except BadInput as e:
         fail(e)

@@ -142,6 +142,10 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     rep = json.load(open(out / "report.json"))
     assert {r["name"] for r in rep["runs"]} == {"base", "bcr", "grpo", "lenpen"}
     assert set(rep["findings"]) == {"free_lunch", "scaling_law", "loops_vanish", "length_penalty"}
+    base = rep["runs"][0]  # the base's sweep with room to finish is kept apart from the budget-C sweep
+    C = base["eval"][0]["budget"]
+    assert base["eval_room"] and all(r["budget"] > C for r in base["eval_room"])
+    assert all(r["budget"] == C for run in rep["runs"] for r in run["eval"])
     row = rep["runs"][1]["eval"][0]
     assert row["problems"] >= 8 and len(row["acc_by_slot"]) == row["N"] and 0 <= row["acc"] <= 1
     assert (out / "report.md").read_text().startswith("# nanoBCR report")
