@@ -41,15 +41,25 @@ from sample import autocast, generate
 
 
 def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
-    """Sample G completions for each packed prompt (a list of problems) under a hard cap.
-    Returns prompt ids (P*G lists), completion tokens (P*G, cap), lengths (P*G,) and one Reward
-    per completion; the G samples of a prompt are consecutive rows."""
+    """Sample G completions for each packed prompt (a list of problems) under a hard cap, then
+    score them. Returns prompt ids (P*G lists), completion tokens (P*G, cap), lengths (P*G,) and
+    one Reward per completion; the G samples of a prompt are consecutive rows."""
+    ids, out, n = sample_groups(model, tok, groups, G, cap, temperature, generator, mode)
+    return ids, out, n, score_groups(tok, groups, G, out)
+
+
+def sample_groups(model, tok, groups, G, cap, temperature, generator, mode="eager"):
     ids = [p for p in encode(tok, [prompt(g) for g in groups]) for _ in range(G)]
     out, n = generate(model, ids, cap, temperature, 0, generator, mode)
+    if out.is_cuda:  # so that the caller's clock sees the sampling end here, not in score_groups
+        torch.cuda.synchronize(out.device)
+    return ids, out, n
+
+
+def score_groups(tok, groups, G, out):
     texts = tok.decode_batch(out.tolist())  # drops <pad> and <eos>
     truncated = ((out == EOS).sum(1) == 0).tolist()
-    rewards = [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
-    return ids, out, n, rewards
+    return [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
 
 
 def advantages(r, std_norm=True, eps=1e-4):
@@ -140,8 +150,9 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     are summed across processes, so the update equals the one-process update on all groups."""
     t0 = time.perf_counter()
     model.eval()
-    ids, out, n, rewards = rollout(model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
+    ids, out, n = sample_groups(model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
     t1 = time.perf_counter()
+    rewards = score_groups(tok, groups, cfg.G, out)
     adv, r = token_advantages(rewards, n, cfg.G, cap, cfg)
     t2 = time.perf_counter()
     model.train()
