@@ -402,6 +402,11 @@ def runs(cfg):
     return ["base"] + [f"{n}-s{s}" for n in ("bcr", "grpo", "lenpen") for s in range(cfg.seed, cfg.seed + cfg.seeds)]
 
 
+def eval_problems(cfg):
+    rng = random.Random(cfg.eval_seed)
+    return [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
+
+
 def evaluation(cfg, run, rank, world, device):
     """The N-sweep of one model under the shared budget C, sampled and greedy; the base also gets
     a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
@@ -414,8 +419,7 @@ def evaluation(cfg, run, rank, world, device):
             return cached
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
-    rng = random.Random(cfg.eval_seed)
-    problems = [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
+    problems = eval_problems(cfg)
     room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(eval_Ns(cfg))))
     plan = [(N, budget(cfg), t) for t in (cfg.temperature, 0.0) for N in eval_Ns(cfg)]
     plan += [(N, room, cfg.temperature) for N in eval_Ns(cfg)] if run == "base" else []
@@ -502,7 +506,9 @@ def write_report(cfg, device, wall):
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
     report = {"config": asdict(cfg), "device": device.type,
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "wall_s": wall, "runs": [], "findings": findings(cfg, ev)}
+              "wall_s": wall, "runs": [], "findings": findings(cfg, ev),
+              # the yardstick for "verbose": the loop-free trace of the same problems, <eos> included
+              "concise_tokens_per_problem": statistics.mean(len(solution(p, 1)) + 1 for p in eval_problems(cfg))}
     for run in runs(cfg):
         tagged = [dict(r, room=r["budget"] != budget(cfg)) for r in ev[run]["rows"]]  # the base's extra sweep
         rows = [r for r in tagged if not r["room"]]
@@ -524,7 +530,9 @@ def write_report(cfg, device, wall):
 def markdown(rep):
     cfg, out = rep["config"], []
     out.append(f"# nanoBCR report\n\ntorch {rep['versions']['torch']} on {rep['device']}; wall time (s): "
-               + ", ".join(f"{k} {v:.0f}" for k, v in rep["wall_s"].items()) + "\n")
+               + ", ".join(f"{k} {v:.0f}" for k, v in rep["wall_s"].items())
+               + f"; the loop-free trace of the eval problems: {rep['concise_tokens_per_problem']:.1f} tokens "
+               "per problem\n")
     out.append("## Findings\n")
     for k, v in rep["findings"].items():
         out.append(f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}.")

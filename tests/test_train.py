@@ -142,6 +142,7 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     rep = json.load(open(out / "report.json"))
     assert {r["name"] for r in rep["runs"]} == {"base", "bcr", "grpo", "lenpen"}
     assert set(rep["findings"]) == {"free_lunch", "scaling_law", "loops_vanish", "length_penalty"}
+    assert 10 < rep["concise_tokens_per_problem"] < 40  # 'Q1:47+85 7+5=12 4+8+1=13 A1:132' is 32
     base = rep["runs"][0]  # the base's sweep with room to finish is kept apart from the budget-C sweep
     C = base["eval"][0]["budget"]
     assert base["eval_room"] and all(r["budget"] > C for r in base["eval_room"])
