@@ -9,8 +9,9 @@ What one BCR step does here:
 3. Reward = the share of the N problems answered correctly, plus a small format term (the paper
    has one too): format_bonus if the completion is exactly N labelled answers, then <eos>. A
    problem the cap cut off scores 0, the ones answered before keep their credit. No length term.
-   (Without the format term, tokens after the last answer cost nothing, and measured here the
-   policy drifted within 30 steps into never stopping, every sample running to the cap.)
+   (Without the format term, tokens after the last answer cost nothing. Measured at the defaults,
+   seed 1, format_bonus=0 ended BCR at 0.945 sampled accuracy at N=1 instead of 0.973: a small
+   help, one seed, kept as the default.)
 4. GRPO: advantages normalised within each group of G samples of the same prompt, one on-policy
    policy-gradient step on -A * log p(token), averaged over all completion tokens of the batch.
 

@@ -90,7 +90,7 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         if T == 1 and cache is not None:
             # decoding one token: mask is additive (B, 1, 1, S), 0 or -inf. Two small batched
-            # matmuls beat the fused kernel here (on CPU 250 vs 420 us per call, measured)
+            # matmuls beat the fused kernel for one query at this size (measured on CPU)
             nh, S, hd = self.n_head, k.shape[2], C // self.n_head
             att = torch.baddbmm(mask.expand(B, nh, 1, S).flatten(0, 1).to(q.dtype), q.flatten(0, 1),
                                 k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)  # (B*nh, 1, S)
