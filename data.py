@@ -195,9 +195,9 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
     This rank takes every world-th document. targets are -1 on prompt and pad positions: the loss
     is only on the completion (the minGPT adder's trick). Returns a list of micro-batches and the
     number of target tokens in the whole global batch (the loss normaliser)."""
-    # Two curricula, both measured to matter in this budget (see README). The largest N grows from
+    # Two curricula (README: the first measured, the second a design choice). The largest N grows from
     # 2 to max_N over the first pt_grow_N of the steps: finding problem k among many is the slow
-    # part, learned in a few hundred steps when met gradually, not at all when met at once. And
+    # part, learned much faster when met gradually than when met at once. And
     # until pt_concise of the steps, only a quarter of the documents are verbose (concise ones
     # cost half the tokens per problem, so the arithmetic is learned twice as fast); after it all
     # are, as the paper's bases are capable models distilled on verbose long-CoT traces.
