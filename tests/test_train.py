@@ -118,6 +118,29 @@ def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny
     assert again["step"] == meta["step"] == 8  # the old checkpoint, whole and loadable
 
 
+def test_orthogonalize_flattens_the_spectrum():
+    """Muon's Newton-Schulz step: a tall or wide matrix of any scale comes out with its singular
+    values near 1 (the quintic trades exactness for speed: about 0.7-1.2, not exactly 1). Five
+    iterations lift singular values down to about 1e-2 of the largest; much smaller ones stay small."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((384, 128), (128, 512)):
+        G = torch.randn(shape, generator=g) * torch.logspace(-2, 0, shape[1]) * 1e3
+        s = torch.linalg.svdvals(train.orthogonalize(G))
+        assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
+        assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 10
+
+
+def test_muon_only_on_the_blocks_matrices():
+    model = train.GPT(train.GPTConfig(23, 64, 2, 2, 32))
+    opt = train.new_optimizer(model, 1e-3, muon_lr=0.02)
+    muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in muon}
+    assert names == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    assert "wte.weight" not in names and len(names) == 2 * 4
+    train.set_lr(opt, 5, 10, 1e-3, 0, cosine=False)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 1e-3])
+
+
 def test_nan_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     real = train.F.cross_entropy
     calls = []
