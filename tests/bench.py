@@ -170,7 +170,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
-    ap.add_argument("--n_head", type=int, default=8, help="attention heads")
+    ap.add_argument("--n_head", type=int, default=4, help="attention heads")
     args = ap.parse_args(argv)
     try:
         if args.rounds < 1:
