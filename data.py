@@ -197,7 +197,7 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
     number of target tokens in the whole global batch (the loss normaliser)."""
     # Two curricula (README: the first measured, the second a design choice). The largest N grows from
     # 2 to max_N over the first pt_grow_N of the steps: finding problem k among many is the slow
-    # part, learned much faster when met gradually than when met at once. And
+    # part, learned faster when met gradually than when met at once. And
     # until pt_concise of the steps, only a quarter of the documents are verbose (concise ones
     # cost half the tokens per problem, so the arithmetic is learned twice as fast); after it all
     # are, as the paper's bases are capable models distilled on verbose long-CoT traces.
