@@ -50,6 +50,7 @@ def rope_tables(block_size, head_dim, base=1e5):
 
 def apply_rope(x, cos, sin):
     """Rotate channel pairs (i, i + hd/2) of x (..., T, hd) by their position's angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 stays bf16 on CUDA (fp32 tables would promote q, k)
     x1, x2 = x.chunk(2, dim=-1)                                  # (..., T, hd/2) each
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -82,9 +83,13 @@ class Attention(nn.Module):
             # step has no Python-int dependence (graph capture). Attend over the first S slots,
             # S set by the mask's width: t0+T on the eager path, the whole cache on the static
             # path (the mask hides the slots not written yet).
-            idx = t0 + torch.arange(T, device=x.device) if torch.is_tensor(t0) else slice(t0, t0 + T)
-            cache.k[layer][:, :, idx] = k.to(cache.k.dtype)
-            cache.v[layer][:, :, idx] = v.to(cache.v.dtype)
+            if torch.is_tensor(t0):  # index_copy_: no host sync, safe inside a CUDA graph
+                idx = t0 + torch.arange(T, device=x.device)                    # (T,)
+                cache.k[layer].index_copy_(2, idx, k.to(cache.k.dtype))
+                cache.v[layer].index_copy_(2, idx, v.to(cache.v.dtype))
+            else:
+                cache.k[layer][:, :, t0:t0 + T] = k.to(cache.k.dtype)
+                cache.v[layer][:, :, t0:t0 + T] = v.to(cache.v.dtype)
             S = mask.shape[-1]
             k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]  # (B, nh, S, hd)
         k, v = k.to(q.dtype), v.to(q.dtype)

@@ -488,6 +488,10 @@ def pick(rows, N, decoding="sample", budget_=None):
                 and (budget_ is None or r["budget"] == budget_))
 
 
+def ratio(a, b):
+    return a / b if b else float("nan")  # nan (never "reproduced") when the base has none, e.g. a smoke run
+
+
 def spread(xs):
     return f"{statistics.mean(xs):.3f}" + (f" (min {min(xs):.3f}, max {max(xs):.3f})" if len(xs) > 1 else "")
 
@@ -501,10 +505,10 @@ def findings(cfg, ev):
     for s in seeds:
         r = ev[f"bcr-s{s}"]["rows"]
         x1 = pick(r, 1)
-        f["tok"].append(x1["tokens_per_problem"] / b1["tokens_per_problem"])
+        f["tok"].append(ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]))
         f["acc"].append(x1["acc"] - b1["acc"])
-        f["loops"].append(x1["loops_per_problem"] / max(b1["loops_per_problem"], 1e-9))
-        f["steps"].append(x1["steps_per_problem"] / b1["steps_per_problem"])
+        f["loops"].append(ratio(x1["loops_per_problem"], b1["loops_per_problem"]))
+        f["steps"].append(ratio(x1["steps_per_problem"], b1["steps_per_problem"]))
         rows = [pick(r, N) for N in Ns]
         f["tpp"].append(" ".join(f"{x['tokens_per_problem']:.1f}" for x in rows))
         # non-increasing, where a rise smaller than twice its standard error counts as noise
@@ -513,10 +517,10 @@ def findings(cfg, ev):
                                    for a, b in zip(rows, rows[1:]))))
         f["gainN"].append(pick(r, max(Ns))["acc"] - bN["acc"])
         grpo_loops = pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"]
-        f["grpo_loops"].append(grpo_loops / max(b1["loops_per_problem"], 1e-9))
+        f["grpo_loops"].append(ratio(grpo_loops, b1["loops_per_problem"]))
         lp = pick(ev[f"lenpen-s{s}"]["rows"], 1)
         f["lp_acc"].append(lp["acc"] - b1["acc"])
-        f["lp_tok"].append(lp["tokens_per_problem"] / b1["tokens_per_problem"])
+        f["lp_tok"].append(ratio(lp["tokens_per_problem"], b1["tokens_per_problem"]))
     return {
         "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
                        "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
@@ -552,7 +556,8 @@ def write_report(cfg, device, wall):
         names = ["base"] if stage == "pretrain" else [r for r in runs(cfg) if r.startswith(stage)]
         wall[stage] = sum(json.load(open(f"{cfg.out_dir}/{n}/config.json"))["wall_s"] for n in names)
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
-    report = {"config": asdict(cfg), "device": device.type,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    report = {"config": asdict(cfg), "device": name,
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_s": wall, "runs": [], "findings": findings(cfg, ev),
               # the yardstick for "verbose": the loop-free trace of the same problems, <eos> included

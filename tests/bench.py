@@ -46,9 +46,14 @@ def timed(fn, device):
 
 def rounds(contenders, n, device):
     """Run each contender once per round, alternating; median seconds of each."""
-    times = {k: [] for k in contenders}
-    for fn in contenders.values():  # warm-up (and CUDA graph / compile set-up) outside the timing
-        fn()
+    times = {}
+    for k, fn in list(contenders.items()):  # warm-up (and CUDA graph / compile set-up) outside the timing
+        try:
+            fn()
+            times[k] = []
+        except Exception as e:  # an optional contender (HF) that breaks must not cost the others' figures
+            print(f"  {k}: failed, left out ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            del contenders[k]
     for _ in range(n):
         for k, fn in contenders.items():
             times[k].append(timed(fn, device))
@@ -94,12 +99,13 @@ def bench_sample(model, device, n_rounds, batch=64, new=96):
         print(f"  {k:22s} {v:10.0f} tok/s   {v / tps['cached (eager)']:.2f}x eager")
     ours = max(v for k, v in tps.items() if k.startswith("cached"))
     print(f"  best cached / naive = {ours / tps['naive recompute']:.1f}x (target >= 10x)")
-    if hf is not None:
+    if "HF generate (Llama)" in tps:
         print(f"  best cached / HF generate = {ours / tps['HF generate (Llama)']:.2f}x (target >= 1.5x)")
     return tps
 
 
-def matmul_rate(device, n=1024):
+def matmul_rate(device):
+    n = 4096 if device.type == "cuda" else 1024  # big enough to near the card's peak
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     k = 50 if device.type == "cuda" else 10
@@ -138,7 +144,7 @@ def bench_train(model, device, n_rounds, rows=16, T=256):
         tps = rows * T / v
         print(f"  {k:10s} {tps:10.0f} tok/s   MFU {tps * flops_tok / peak:.0%} (our FLOP count)   "
               f"{med['ours'] and v / med['ours']:.2f}x our step time")
-    if hf is not None:
+    if "HF Llama" in med:
         print(f"  ours / HF Llama = {med['HF Llama'] / med['ours']:.2f}x (target >= 1.2x)")
 
 
@@ -187,7 +193,7 @@ def main(argv=None):
     if args.what in ("all", "sample"):
         bench_sample(model, device, args.rounds)
     if args.what in ("all", "train"):
-        bench_train(model, device, args.rounds)
+        bench_train(model, device, args.rounds, rows=64 if device.type == "cuda" else 16)  # GPU: preset's 16k tokens
     if args.what in ("all", "rl"):
         bench_rl(model, device, args.rounds)
 
