@@ -157,7 +157,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     adv, r = token_advantages(rewards, n, cfg.G, cap, cfg)
     t2 = time.perf_counter()
     model.train()
-    local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))])
+    local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))], device=n.device)  # NCCL: on the GPU
     if world > 1:
         dist.all_reduce(local)
     loss, stats = pg_loss(model, ids, out.cpu(), n.cpu(), adv, local.item(), cfg, ref)

@@ -196,7 +196,8 @@ def all_mean(values, world):
     """Average a dict of floats over processes (for logging)."""
     if world == 1:
         return values
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: v / world for k, v in zip(values, t.tolist())}
 
@@ -656,6 +657,8 @@ def main(argv=None):
         if cfg.stage in ("all", "report") and rank == 0:
             write_report(cfg, device, wall)
             print(f"wrote {cfg.out_dir}/report.md and report.json")
+        if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
+            dist.barrier()
     except BadInput as e:
         fail(e)
     finally:

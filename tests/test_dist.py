@@ -73,6 +73,7 @@ def update_job(rank, tiny, result):  # noqa: F811
                    adv[rows], 2)
     if rank == 0:
         torch.save(model.state_dict(), result)
+    dist.barrier()  # gloo aborts a process that leaves while the other still talks to it
     dist.destroy_process_group()
 
 
@@ -100,6 +101,7 @@ def steps_job(rank, tiny, result):  # noqa: F811
     dist.all_gather(both, flat)
     if rank == 0:
         torch.save(both, result)
+    dist.barrier()  # gloo aborts a process that leaves while the other still talks to it
     dist.destroy_process_group()
 
 
