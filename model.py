@@ -30,6 +30,12 @@ from safetensors.torch import load_file, save_file
 
 from data import BadInput
 
+# PyTorch may pick cuDNN's attention on Hopper GPUs, which builds a plan for every new sequence length
+# (hundreds of ms each, pytorch#155958). Our batches change length every micro-batch and RL step:
+# measured on an H100, a --preset=gpu pretraining step of 11-14 micro-batches took 1.4-2.1 s in
+# fwd+bwd, while a fixed-shape step of the bench takes 14 ms. Flash attention has no per-shape cost.
+torch.backends.cuda.enable_cudnn_sdp(False)
+
 
 @dataclass
 class GPTConfig:

@@ -128,3 +128,20 @@ def test_cuda_graph_matches_eager():
     same = (runs[0] == runs[1]).all(1).float().mean().item()
     print(f"eager == static on {same:.0%} of rows")
     assert same >= 0.9
+
+
+def test_no_stray_cpu_tensors_on_an_accelerator():
+    """The 'meta' device stands in for CUDA on a CPU-only machine: a tensor built without device=
+    lands on the CPU, and the op that mixes it in raises (how data.segments once broke every CUDA
+    sampling call). Prefill, one graph-ready decode step, and the training forward."""
+    model = random_gpt().to("meta")
+    idx, pos, valid = left_pad(PROMPTS, "meta")
+    B, Tp = idx.shape
+    assert segments(idx, torch.tensor([Tp] * B, device="meta")).device.type == "meta"
+    cache = KVCache(model.cfg, B, Tp + 4, "meta", torch.float32)
+    with torch.no_grad():
+        model(idx, segments(idx, Tp), pos, prefill_mask(valid), cache, 0)
+        bias = torch.zeros(B, 1, 1, Tp + 4, device="meta")
+        out = model(idx[:, :1], segments(idx[:, :1], 0), pos[:, -1:] + 1, bias, cache, torch.tensor([Tp], device="meta"))
+        assert out.shape == (B, 1, 23) and out.device.type == "meta"
+        assert model(idx, segments(idx, Tp)).device.type == "meta"
