@@ -48,17 +48,19 @@ class GPTConfig:
 
 
 def rope_tables(block_size, head_dim, base=1e5):
-    """cos/sin of every (position, frequency) pair, computed once: (block_size, head_dim/2) each."""
+    """Tables for rotating channel pairs (i, i + hd/2) by their position's angle, computed once:
+    cos (Tmax, hd) is [cos, cos] and sin (Tmax, hd) is [-sin, sin], so that apply_rope is
+    x * cos + roll(x) * sin: four ops, no split and concatenate."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
     angles = torch.outer(torch.arange(block_size).float(), inv_freq)          # (Tmax, hd/2)
-    return angles.cos(), angles.sin()
+    return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), 1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate channel pairs (i, i + hd/2) of x (..., T, hd) by their position's angle."""
+    """x (..., T, hd): first half x1 * cos - x2 * sin, second half x2 * cos + x1 * sin, where
+    roll(x) = [x2, x1]. The same IEEE operations as the textbook form, so bitwise the same result."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 stays bf16 on CUDA (fp32 tables would promote q, k)
-    x1, x2 = x.chunk(2, dim=-1)                                  # (..., T, hd/2) each
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
@@ -136,7 +138,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: fewer parameters, same quality at this size
         cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head)
-        self.register_buffer("cos", cos, persistent=False)  # (Tmax, hd/2)
+        self.register_buffer("cos", cos, persistent=False)  # (Tmax, hd)
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: shrink the residual-branch outputs
@@ -156,9 +158,9 @@ class GPT(nn.Module):
         cache/t0: decode mode, keys and values go to cache slots t0..t0+T-1."""
         B, T = idx.shape
         if pos is None:
-            cos, sin = self.cos[:T], self.sin[:T]                  # (T, hd/2), broadcast over B, nh
+            cos, sin = self.cos[:T], self.sin[:T]                  # (T, hd), broadcast over B, nh
         else:
-            cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, hd/2)
+            cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (B, 1, T, hd)
         x = self.wte(idx) + self.wse(seg.clamp(max=self.cfg.n_seg - 1))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i, t0)
