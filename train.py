@@ -399,6 +399,7 @@ def pretrain(cfg, tok, rank, world, device):
         t0 = time.perf_counter()
         lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
         micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
+        t_data = time.perf_counter() - t0
         loss_sum, n_tok = 0.0, 0
         for idx, seg, tgt in micro:
             idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
@@ -414,7 +415,7 @@ def pretrain(cfg, tok, rank, world, device):
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         return {"finite": ok, "loss": loss_sum * world, "grad_norm": grad_norm, "lr": lr,
-                "tokens_per_s": n_tok / dt}
+                "tokens_per_s": n_tok / dt, "t_data": t_data, "t_step": dt, "micro_batches": len(micro)}
 
     run_stage(cfg, f"{cfg.out_dir}/base", BASE_KEYS, make, cfg.pt_steps, step_fn, rank, world)
 

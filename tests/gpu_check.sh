@@ -40,7 +40,9 @@ part 120 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp
 part 180 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp/compiled --compile=1
 for f in /tmp/eager/base.jsonl /tmp/compiled/base.jsonl; do  # median tokens/s over steps 20..59
     [ -f $f ] && $py -c "import json, statistics, sys; r = [json.loads(x) for x in open(sys.argv[1])][20:]
-print(sys.argv[1], 'median pretraining tokens/s', round(statistics.median(x['tokens_per_s'] for x in r)))" $f
+m = lambda k: statistics.median(x[k] for x in r)
+print(sys.argv[1], 'median pretraining tokens/s %.0f, step %.3f s, data %.3f s, %.0f micro-batches'
+      % (m('tokens_per_s'), m('t_step'), m('t_data'), m('micro_batches')))" $f
 done
 part 9999 $py train.py --preset=gpu --out_dir="$out"
 cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
