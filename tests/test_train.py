@@ -175,6 +175,22 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     assert (out / "report.md").read_text().startswith("# nanoBCR report")
 
 
+def test_findings_survive_a_base_with_nothing_to_compare():
+    """A smoke run's untrained base may emit no steps, loops or tokens: the ratios are nan and
+    nothing counts as reproduced, instead of a ZeroDivisionError after all the training."""
+    cfg = train.parse_config(TINY)
+    C = train.budget(cfg)
+
+    def rows(tokens, steps):
+        return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": 0.0, "tokens_per_problem": tokens,
+                          "tokens_per_problem_se": 0.0, "loops_per_problem": 0.0, "steps_per_problem": steps}
+                         for N in train.eval_Ns(cfg)]}
+    ev = {"base": rows(0.0, 0.0), **{f"{k}-s{cfg.seed}": rows(5.0, 1.0) for k in ("bcr", "grpo", "lenpen")}}
+    f = train.findings(cfg, ev)
+    assert not any(v["reproduced"] for v in f.values())
+    assert "nan" in f["loops_vanish"]["evidence"] and "nan" in f["free_lunch"]["evidence"]
+
+
 def corrupt(tiny, tmp_path, how):
     import shutil
     d = tmp_path / "ck"
