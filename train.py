@@ -385,8 +385,32 @@ def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
         dist.barrier()
 
 
+def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
+    """One step of next-token cross-entropy on verbose traces, loss on completion tokens only.
+    fwd is the model or its torch.compile'd twin. tests/bench.py --what=pretrain times it too."""
+    t0 = time.perf_counter()
+    lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
+    micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
+    t_data = time.perf_counter() - t0
+    loss_sum, n_tok = 0.0, 0
+    for idx, seg, tgt in micro:
+        idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
+        with bcr.autocast(device):
+            logits = fwd(idx, seg)                                       # (b, T, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
+                               reduction="sum") / n_targets              # global token mean
+        loss.backward()
+        loss_sum, n_tok = loss_sum + loss.item(), n_tok + idx.numel()
+    grad_norm, ok = bcr.finish_grads(model, cfg.grad_clip, world, loss_sum)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {"finite": ok, "loss": loss_sum * world, "grad_norm": grad_norm, "lr": lr,
+            "tokens_per_s": n_tok / dt, "t_data": t_data, "t_step": dt, "micro_batches": len(micro)}
+
+
 def pretrain(cfg, tok, rank, world, device):
-    """Next-token cross-entropy on verbose traces, loss on completion tokens only."""
     def make():
         torch.manual_seed(cfg.base_seed)
         model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
@@ -396,26 +420,7 @@ def pretrain(cfg, tok, rank, world, device):
 
     def step_fn(model, opt, step):
         fwd = compiled.setdefault("fwd", torch.compile(model) if cfg.compile else model)
-        t0 = time.perf_counter()
-        lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
-        micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
-        t_data = time.perf_counter() - t0
-        loss_sum, n_tok = 0.0, 0
-        for idx, seg, tgt in micro:
-            idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
-            with bcr.autocast(device):
-                logits = fwd(idx, seg)                                       # (b, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
-                                   reduction="sum") / n_targets              # global token mean
-            loss.backward()
-            loss_sum, n_tok = loss_sum + loss.item(), n_tok + idx.numel()
-        grad_norm, ok = bcr.finish_grads(model, cfg.grad_clip, world, loss_sum)
-        if ok:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        return {"finite": ok, "loss": loss_sum * world, "grad_norm": grad_norm, "lr": lr,
-                "tokens_per_s": n_tok / dt, "t_data": t_data, "t_step": dt, "micro_batches": len(micro)}
+        return pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device)
 
     run_stage(cfg, f"{cfg.out_dir}/base", BASE_KEYS, make, cfg.pt_steps, step_fn, rank, world)
 

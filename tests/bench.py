@@ -14,6 +14,8 @@ train:  fwd+bwd+AdamW tokens/s on pretraining-shaped batches, with an MFU estima
         fp32 (CUDA: bf16) matmul rate measured in the same run, and the same for the HF Llama.
 rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), split into rollout,
         scoring and update.
+pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
+        --preset=gpu for the GPU batch, --profile for torch.profiler tables.
 """
 import statistics
 import sys
@@ -26,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bcr  # noqa: E402
 import sample  # noqa: E402
+import train  # noqa: E402
 from data import BadInput, build_tokenizer, doc_rng, packed_prompts, segments  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import ArgParser, autocast, fail, load_checkpoint, pick_device  # noqa: E402
@@ -168,15 +171,41 @@ def bench_rl(model, device, n_rounds):
           f"{med['t_update']:.3f}; mean completion {med['tokens']:.0f} tokens")
 
 
+def bench_pretrain(model, device, n_rounds, preset, profile):
+    """Real pretraining steps (train.pretrain_step): documents of every length, so the micro-batch
+    shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
+    100x fewer tokens/s). Steps from pt_concise * pt_steps on: past both curricula."""
+    cfg = train.parse_config([f"--preset={preset}"])
+    tok, opt = build_tokenizer(), train.new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
+    s0, rows = int(cfg.pt_concise * cfg.pt_steps), []
+    step = lambda i: rows.append(train.pretrain_step(model, model, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
+    total = [timed(lambda i=i: step(i), device) for i in range(n_rounds + 1)][1:]  # the first step warms up
+    med = {k: statistics.median(r[k] for r in rows[1:]) for k in ("tokens_per_s", "t_data", "micro_batches")}
+    print(f"\npretraining (--preset={preset}, {cfg.pt_docs} documents a step), median of {n_rounds}: "
+          f"{statistics.median(total):.3f} s a step, data {med['t_data']:.3f} s, "
+          f"{med['micro_batches']:.0f} micro-batches, {med['tokens_per_s']:.0f} tok/s")
+    if profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for i in range(3):
+                step(n_rounds + 1 + i)
+        sync(device)
+        for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device.type == "cuda" else ()):
+            print(prof.key_averages().table(sort_by=key, row_limit=12))
+
+
 def main(argv=None):
     ap = ArgParser(prog="bench.py", description="nanoBCR speed benchmarks")
-    ap.add_argument("--what", default="all", choices=["all", "sample", "train", "rl"], help="which benchmark")
+    ap.add_argument("--what", default="all", choices=["all", "sample", "train", "rl", "pretrain"],
+                    help="which benchmark (all: the first three)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (median reported)")
     ap.add_argument("--ckpt", default="", help="checkpoint for the RL step (default: random weights)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
     ap.add_argument("--n_head", type=int, default=4, help="attention heads")
+    ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain: batch shapes of this preset")
+    ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
     args = ap.parse_args(argv)
     try:
         if args.rounds < 1:
@@ -196,6 +225,8 @@ def main(argv=None):
         bench_train(model, device, args.rounds, rows=64 if device.type == "cuda" else 16)  # GPU: preset's 16k tokens
     if args.what in ("all", "rl"):
         bench_rl(model, device, args.rounds)
+    if args.what == "pretrain":
+        bench_pretrain(model, device, args.rounds, args.preset, args.profile)
 
 
 if __name__ == "__main__":

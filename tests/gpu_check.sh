@@ -6,8 +6,8 @@
 # 1. the CUDA-only test (CUDA-graph decoding == static decoding, token for token)
 # 2. the sampler benchmark (eager / static / CUDA graph / naive / HF generate), training throughput
 #    and one BCR step at the default size; sampler and training at the --preset=gpu size
-# 3. 60 steps of --preset=gpu pretraining, eager and with torch.compile: real (variable-length)
-#    batches, median tokens/s of each (the fixed-shape bench cannot see per-shape costs)
+# 3. real (variable-length) --preset=gpu pretraining steps, which the fixed-shape bench cannot see:
+#    the pretrain bench with a profile, then 60 steps eager and 60 with torch.compile
 # 4. the full reproduction with --preset=gpu (one seed)
 # 5. two more seeds of the reproduction, if time is left
 set -uo pipefail
@@ -36,6 +36,7 @@ part 60 $py tests/bench.py --what=train --rounds=5
 part 60 $py tests/bench.py --what=rl --rounds=5
 part 90 $py tests/bench.py --what=sample --rounds=5 --n_layer=6 --n_embd=256 --n_head=8
 part 60 $py tests/bench.py --what=train --rounds=5 --n_layer=6 --n_embd=256 --n_head=8
+part 90 $py tests/bench.py --what=pretrain --rounds=10 --preset=gpu --n_layer=6 --n_embd=256 --n_head=8 --profile
 part 120 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp/eager
 part 180 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp/compiled --compile=1
 for f in /tmp/eager/base.jsonl /tmp/compiled/base.jsonl; do  # median tokens/s over steps 20..59
