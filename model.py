@@ -87,7 +87,10 @@ class Attention(nn.Module):
         # split/unbind/squeeze, not indexing: indexing's backward writes each gradient into a zeroed
         # copy of the whole qkv tensor (measured: 8% of a CPU RL update's profile; 3-5% faster without)
         qk, v = qkv.split([2, 1])                                 # (2, B, nh, T, hd), (1, B, nh, T, hd)
-        q, k = apply_rope(qk, cos, sin).unbind(0)                 # q and k rotated at once
+        qk = apply_rope(qk, cos, sin)                             # q and k rotated at once
+        if torch.compiler.is_compiling():  # inductor mis-strides this layout under dynamic shapes
+            qk = qk.contiguous()           # (AssertionError in backward; eager does not need the copy)
+        q, k = qk.unbind(0)
         v = v.squeeze(0)                                          # (B, nh, T, hd) each
         if cache is not None:
             # write this chunk at cache slots t0..t0+T-1; t0 may be a 1-element tensor so that the

@@ -15,7 +15,7 @@ train:  fwd+bwd+AdamW tokens/s on pretraining-shaped batches, with an MFU estima
 rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), split into rollout,
         scoring and update.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
-        --preset=gpu for the GPU batch, --profile for torch.profiler tables.
+        --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
 """
 import statistics
 import sys
@@ -171,17 +171,19 @@ def bench_rl(model, device, n_rounds):
           f"{med['t_update']:.3f}; mean completion {med['tokens']:.0f} tokens")
 
 
-def bench_pretrain(model, device, n_rounds, preset, profile):
+def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):
     """Real pretraining steps (train.pretrain_step): documents of every length, so the micro-batch
     shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
     100x fewer tokens/s). Steps from pt_concise * pt_steps on: past both curricula."""
     cfg = train.parse_config([f"--preset={preset}"])
     tok, opt = build_tokenizer(), train.new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
     s0, rows = int(cfg.pt_concise * cfg.pt_steps), []
-    step = lambda i: rows.append(train.pretrain_step(model, model, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
+    fwd = torch.compile(model) if compile_ else model  # compiling happens in the warm-up step(s)
+    step = lambda i: rows.append(train.pretrain_step(model, fwd, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
     total = [timed(lambda i=i: step(i), device) for i in range(n_rounds + 1)][1:]  # the first step warms up
     med = {k: statistics.median(r[k] for r in rows[1:]) for k in ("tokens_per_s", "t_data", "micro_batches")}
-    print(f"\npretraining (--preset={preset}, {cfg.pt_docs} documents a step), median of {n_rounds}: "
+    print(f"\npretraining{' (compiled)' if compile_ else ''} (--preset={preset}, {cfg.pt_docs} documents a step), "
+          f"median of {n_rounds}: "
           f"{statistics.median(total):.3f} s a step, data {med['t_data']:.3f} s, "
           f"{med['micro_batches']:.0f} micro-batches, {med['tokens_per_s']:.0f} tok/s")
     if profile:
@@ -206,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--n_head", type=int, default=4, help="attention heads")
     ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain: batch shapes of this preset")
     ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
+    ap.add_argument("--compile", action="store_true", help="pretrain: torch.compile the forward")
     args = ap.parse_args(argv)
     try:
         if args.rounds < 1:
@@ -226,7 +229,7 @@ def main(argv=None):
     if args.what in ("all", "rl"):
         bench_rl(model, device, args.rounds)
     if args.what == "pretrain":
-        bench_pretrain(model, device, args.rounds, args.preset, args.profile)
+        bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile)
 
 
 if __name__ == "__main__":

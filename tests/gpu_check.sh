@@ -2,14 +2,15 @@
 # The prepared GPU check: run once on a CUDA machine, it prints every GPU figure the README quotes.
 #   bash tests/gpu_check.sh [out_dir] [seconds]     (default: out-gpu, 540)
 # Each part gets a time limit, and no part starts past the deadline, so a short lease still brings
-# back the figures measured so far. In order:
+# back the figures measured so far. In order of importance:
 # 1. the CUDA-only test (CUDA-graph decoding == static decoding, token for token)
-# 2. the sampler benchmark (eager / static / CUDA graph / naive / HF generate), training throughput
-#    and one BCR step at the default size; sampler and training at the --preset=gpu size
-# 3. real (variable-length) --preset=gpu pretraining steps, which the fixed-shape bench cannot see:
-#    the pretrain bench with a profile, then 60 steps eager and 60 with torch.compile
+# 2. at the default size: the sampler benchmark (eager / static / CUDA graph / naive / HF generate),
+#    training throughput and one BCR step
+# 3. real (variable-length) --preset=gpu pretraining steps with a profile: the fixed-shape training
+#    bench cannot see per-shape costs (on an H100 they once made a step 100x slower per token)
 # 4. the full reproduction with --preset=gpu (one seed)
-# 5. two more seeds of the reproduction, if time is left
+# 5. the sampler and training benchmarks at the --preset=gpu size, and torch.compile'd pretraining
+# 6. two more seeds of the reproduction, if time is left
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-out-gpu}
@@ -28,25 +29,19 @@ part() {  # part LIMIT_S CMD...: run CMD for at most LIMIT_S seconds, and never 
     echo "== exit $? after $((SECONDS - t0)) s"
 }
 
+gpu="--preset=gpu --n_layer=6 --n_embd=256 --n_head=8"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
-part 90 $py -m pytest -q -s -x tests/test_sample.py -k cuda -p no:cacheprovider
-part 90 $py tests/bench.py --what=sample --rounds=5
-part 60 $py tests/bench.py --what=train --rounds=5
-part 60 $py tests/bench.py --what=rl --rounds=5
-part 90 $py tests/bench.py --what=sample --rounds=5 --n_layer=6 --n_embd=256 --n_head=8
-part 60 $py tests/bench.py --what=train --rounds=5 --n_layer=6 --n_embd=256 --n_head=8
-part 90 $py tests/bench.py --what=pretrain --rounds=10 --preset=gpu --n_layer=6 --n_embd=256 --n_head=8 --profile
-part 120 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp/eager
-part 180 $py train.py --preset=gpu --stage=pretrain --pt_steps=60 --out_dir=/tmp/compiled --compile=1
-for f in /tmp/eager/base.jsonl /tmp/compiled/base.jsonl; do  # median tokens/s over steps 20..59
-    [ -f $f ] && $py -c "import json, statistics, sys; r = [json.loads(x) for x in open(sys.argv[1])][20:]
-m = lambda k: statistics.median(x[k] for x in r)
-print(sys.argv[1], 'median pretraining tokens/s %.0f, step %.3f s, data %.3f s, %.0f micro-batches'
-      % (m('tokens_per_s'), m('t_step'), m('t_data'), m('micro_batches')))" $f
-done
+part 60 $py -m pytest -q -s -x tests/test_sample.py -k cuda -p no:cacheprovider
+part 60 $py tests/bench.py --what=sample --rounds=5
+part 45 $py tests/bench.py --what=train --rounds=5
+part 45 $py tests/bench.py --what=rl --rounds=5
+part 60 $py tests/bench.py --what=pretrain --rounds=10 $gpu --profile
 part 9999 $py train.py --preset=gpu --out_dir="$out"
 cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
+part 60 $py tests/bench.py --what=sample --rounds=5 $gpu
+part 45 $py tests/bench.py --what=train --rounds=5 $gpu
+part 150 $py tests/bench.py --what=pretrain --rounds=10 $gpu --compile
 part 9999 $py train.py --preset=gpu --out_dir="$out" --seeds=3
 [ -f "$out/report.md" ] && grep -A6 "^## Findings" "$out/report.md"
 echo "gpu_check done at ${SECONDS} s"
