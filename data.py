@@ -165,7 +165,8 @@ def segments(idx, n_prompt):
     int, or a (B,) tensor, one per row). model.py says why the model gets it."""
     nl = (idx == NEWLINE).long()
     before = nl.cumsum(1) - nl                                                # newlines before
-    completion = torch.arange(idx.shape[1], device=idx.device) >= torch.as_tensor(n_prompt, device=idx.device).view(-1, 1)
+    n_prompt = torch.as_tensor(n_prompt, device=idx.device).view(-1, 1)              # (B or 1, 1)
+    completion = torch.arange(idx.shape[1], device=idx.device) >= n_prompt
     return 1 + before - completion * (nl * ~completion).sum(1, keepdim=True)  # (B, T)
 
 
