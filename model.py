@@ -115,7 +115,12 @@ class Attention(nn.Module):
                                 k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)  # (B*nh, 1, S)
             y = torch.bmm(att.softmax(-1), v.flatten(0, 1)).view(B, nh, 1, hd)
         else:  # mask None: plain causal (training); else (B, 1, T, S) bool, True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            # CPU bf16 attention is slower than fp32 (its backward most of all): under CPU autocast
+            # (the RL update) it runs in fp32, without which the bf16 update gained nothing (measured)
+            if torch.is_autocast_enabled("cpu"):
+                q, k, v = q.float(), k.float(), v.float()
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))                # (B, T, C)
 
 

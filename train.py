@@ -89,6 +89,8 @@ class Config:
     kl: float = F_(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
     format_bonus: float = F_(0.1, "reward for exactly N labelled answers followed by <eos>")
     lenpen: float = F_(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
+    update_dtype: str = F_("auto", "RL update's autocast: auto | bf16 | fp32 (auto: bf16 on CUDA and on "
+                           "a CPU with native bf16; sampling stays fp32 on CPU)")
     # evaluation
     eval_problems: int = F_(512, "held-out problems per N")
     eval_Ns: str = F_("1,2,3,4,6,8", "values of N in the evaluation sweep")
@@ -105,7 +107,7 @@ BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "ma
                           "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_muon_lr", "pt_grow_N",
                           "pt_concise", "warmup", "grad_clip")
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
-                       "token_mean", "slot_credit", "kl", "format_bonus", "lenpen")
+                       "token_mean", "slot_credit", "kl", "format_bonus", "lenpen", "update_dtype")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
 STAGES = ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report")
 
@@ -152,6 +154,7 @@ def validate(cfg):
             raise BadInput(msg)
     need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
     need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
+    need(cfg.update_dtype in ("auto", "bf16", "fp32"), "--update_dtype must be auto, bf16 or fp32")
     need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")),
          "--eval_Ns must be a comma-separated list of integers")
     need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
@@ -564,6 +567,7 @@ def write_report(cfg, device, wall):
         wall[stage] = sum(json.load(open(f"{cfg.out_dir}/{n}/config.json"))["wall_s"] for n in names)
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name += f", RL update in {'bf16' if bcr.update_bf16(cfg, device) else 'fp32'}"
     report = {"config": asdict(cfg), "device": name,
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_s": wall, "runs": [], "findings": findings(cfg, ev),

@@ -152,23 +152,28 @@ def bench_train(model, device, n_rounds, rows=16, T=256):
 
 
 def bench_rl(model, device, n_rounds):
-    """One BCR step at the default shape: 8 prompts x G=8 of N=3 problems, cap 3*30 = 90."""
+    """One BCR step at the default shape: 8 prompts x G=8 of N=3 problems, cap 3*30 = 90. Where the
+    update runs in bf16 (update_dtype=auto), an fp32 update is timed beside it, round by round."""
     tok = build_tokenizer()
     cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
                           else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
-                          lenpen=0.0, format_bonus=0.1, grad_clip=1.0)
+                          lenpen=0.0, format_bonus=0.1, grad_clip=1.0, update_dtype="auto")
+    dtypes = ["bf16" if bcr.update_bf16(cfg, device) else "fp32"]
+    dtypes += ["fp32"] if dtypes[0] == "bf16" else []
     opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is
-    splits, total = [], []
+    splits, total = {d: [] for d in dtypes}, {d: [] for d in dtypes}
     for step in range(n_rounds + 1):
         groups = packed_prompts(doc_rng("bench", step), cfg, 8, 3)
-        gen = torch.Generator(device).manual_seed(step)
-        t = timed(lambda: splits.append(bcr.rl_step(model, opt, tok, groups, 90, gen, cfg)), device)
-        total.append(t)
-    splits, total = splits[1:], total[1:]  # the first step warms up
-    med = {k: statistics.median(s[k] for s in splits) for k in ("t_rollout", "t_score", "t_update", "tokens")}
-    print(f"\nBCR step: 64 rollouts (N=3, cap 90), median of {n_rounds}: {statistics.median(total):.3f} s "
-          f"(target <= 0.7 s) = rollout {med['t_rollout']:.3f} + scoring {med['t_score']:.3f} + update "
-          f"{med['t_update']:.3f}; mean completion {med['tokens']:.0f} tokens")
+        for d in dtypes:  # the same groups and sampling seed: the same rollouts
+            gen, c = torch.Generator(device).manual_seed(step), SimpleNamespace(**{**vars(cfg), "update_dtype": d})
+            t = timed(lambda: splits[d].append(bcr.rl_step(model, opt, tok, groups, 90, gen, c)), device)
+            total[d].append(t)
+    print(f"\nBCR step: 64 rollouts (N=3, cap 90), median of {n_rounds}:")
+    for d in dtypes:  # the first step warms up
+        med = {k: statistics.median(s[k] for s in splits[d][1:]) for k in ("t_rollout", "t_score", "t_update", "tokens")}
+        print(f"  update in {d}: {statistics.median(total[d][1:]):.3f} s (target <= 0.7 s) = rollout "
+              f"{med['t_rollout']:.3f} + scoring {med['t_score']:.3f} + update {med['t_update']:.3f}; "
+              f"mean completion {med['tokens']:.0f} tokens")
 
 
 def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):

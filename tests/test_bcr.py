@@ -10,7 +10,8 @@ from test_sample import random_gpt
 
 
 def cfg(**kw):
-    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0, format_bonus=0.0)
+    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0, format_bonus=0.0,
+                update_dtype="fp32")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -85,6 +86,24 @@ def test_pg_loss_normalisation_and_gradient_direction():
             p -= 0.05 * p.grad
     after = torch.log_softmax(run([5, 6, 7, 10, 11], 3), -1)
     assert after[2, 10] + after[3, 11] + after[4, EOS] > lp0
+
+
+def test_bf16_update_agrees_with_fp32():
+    """--update_dtype=bf16 (CPU autocast, attention kept in fp32): the fp32 loss and gradient to
+    bf16's precision, and not bitwise them (it did run in bf16)."""
+    model = random_gpt(0)
+    ids = [[5, 6, 7], [8, 9], [7, 7, 5, 6]]
+    out = torch.tensor([[10, 11, EOS, 0], [12, 9, 9, EOS], [6, EOS, 0, 0]])
+    n, adv = torch.tensor([3, 4, 2]), torch.tensor([[1.0] * 4, [-1.0] * 4, [0.5] * 4])
+    got = {}
+    for dtype in ("fp32", "bf16"):
+        model.zero_grad()
+        loss, _ = pg_loss(model, ids, out, n, adv, 9.0, cfg(update_dtype=dtype))
+        loss.backward()
+        got[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+    (l32, g32), (l16, g16) = got["fp32"], got["bf16"]
+    assert abs(l16 - l32) < 0.02 * abs(l32)
+    assert torch.nn.functional.cosine_similarity(g16, g32, 0) > 0.99 and not torch.equal(g16, g32)
 
 
 def test_kl_term_is_zero_against_itself():

@@ -53,7 +53,7 @@ def test_pretraining_matches_one_process(tmp_path, tiny):  # noqa: F811
 def fixed_rollouts(tiny):  # noqa: F811
     """One step's rollouts, sampled once in this process and reused by every process."""
     model, tok, _ = sample.load_checkpoint(tiny / "base")
-    cfg = train.parse_config(TINY)
+    cfg = train.parse_config(TINY + ["--update_dtype=fp32"])  # bf16 would round each split differently
     groups = packed_prompts(doc_rng("fixed", 0), cfg, 4, 2)
     ids, out, n, rewards = bcr.rollout(model, tok, groups, 4, 48, 1.0, torch.Generator().manual_seed(0))
     adv, _ = bcr.token_advantages(rewards, n, 4, 48, cfg)
