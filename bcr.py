@@ -20,6 +20,9 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
   the PPO ratio is always 1 and there is no clipping; no KL term by default (kl > 0 adds the k3
   estimate against the frozen base); token-level mean (DAPO style) by default;
 - groups are "similar difficulty" by having the same number of digit columns;
+- where the update runs in bf16 and sampling in fp32 (a CPU with native bf16, update_bf16), the
+  log-probs the gradient uses differ from the sampler's by bf16 rounding: slightly off-policy,
+  which a PPO ratio would correct and this does not;
 - variants worth ablating are switches: std_norm=False (REINFORCE with a group-mean baseline,
   Dr. GRPO style), token_mean=False (mean per sequence, then over sequences), slot_credit=True
   (problem k's advantage on the tokens that answer problem k, instead of one shared advantage),
