@@ -226,7 +226,7 @@ def corrupt(tiny, tmp_path, how):
 
 BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=100000"], ["--temperature=-1"],
              ["--stage=nope"], ["--eval_Ns=1,x"], ["--resume=maybe"], ["--preset=tpu"], ["--ops=*"],
-             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"]]
+             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"], ["--update_dtype=fp16"]]
 
 
 @pytest.mark.parametrize("argv", BAD_TRAIN)
