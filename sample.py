@@ -56,7 +56,7 @@ def autocast(device, bf16=None):
     """bf16 autocast, by default on CUDA only: on CPU, one-token decoding and the small pretraining
     micro-batches are overhead-bound, and bf16's casts cost more than they save (measured).
     bf16=True asks for it on CPU too (the RL update, train.py's --update_dtype); False: fp32."""
-    if device.type == "cuda" if bf16 is None else bf16:
+    if bf16 or (bf16 is None and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
