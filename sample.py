@@ -10,7 +10,9 @@ CUDA-aware by construction: the decode loop never asks the host for a value, exc
 "are all rows done?" every 16 tokens; the cache, masks and RoPE tables have fixed shapes, so the
 one-token step can be captured in a CUDA graph (mode="graph") and replayed; bf16 autocast on CUDA.
 Three decode paths, all tested to agree:
-- eager (default on CPU): attends over the cache slots written so far;
+- eager (default on CPU): attends over the cache slots written so far, and drops finished rows
+  from the batch (cache included) once a quarter of it is done, so that a long straggler does not
+  keep the whole batch decoding (`python tests/bench.py --what=eval --ckpt=out/base` times it);
 - static: attends over the whole cache behind a mask, with no Python int in the step (graph-ready);
 - graph: the static step captured once in a CUDA graph (CUDA only);
 and generate_naive() beside them, which recomputes the whole sequence for every token.
@@ -80,10 +82,12 @@ def prefill_mask(valid):
     return ((causal & valid[:, None, :]) | eye)[:, None]                       # (B, 1, T, T)
 
 
-def next_token(logits, temperature, top_k, generator):
-    """logits (B, V) -> tokens (B,). <pad> is never sampled. Sampling uses argmax(p / E) with
+def next_token(logits, temperature, top_k, generator, rows=None, batch=None):
+    """logits (B', V) -> tokens (B',). <pad> is never sampled. Sampling uses argmax(p / E) with
     E ~ Exp(1) drawn from the explicit generator: an exact draw from p, with no host sync (unlike
-    torch.multinomial on CUDA)."""
+    torch.multinomial on CUDA). rows (B',): which rows of the whole batch (of size `batch`) these
+    are, once generate() has dropped finished ones; E is drawn for the whole batch all the same, so
+    that every row gets the draw it would have got with nothing dropped."""
     logits = logits.float()
     logits[:, PAD] = float("-inf")
     if temperature == 0:
@@ -93,14 +97,17 @@ def next_token(logits, temperature, top_k, generator):
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(-1)                                                          # (B, V)
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+    noise = torch.empty(batch or len(probs), probs.shape[1], device=probs.device)    # (B, V)
+    noise.exponential_(generator=generator)
+    return (probs / (noise if rows is None else noise[rows])).argmax(-1)
 
 
 @torch.inference_mode()
-def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="eager"):
+def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="eager", drop_done=True):
     """Decode a batch of token-id prompts of any lengths.
     max_new: int or one cap per row (the hard cap on new tokens, <eos> included).
     mode: 'eager' | 'static' | 'graph' (see the module docstring); all give the same tokens.
+    drop_done: eager mode drops finished rows (False keeps the batch whole: same tokens, slower).
     Returns tokens (B, max(max_new)), <pad> after each row's end, and lengths (B,): the number of
     new tokens per row, <eos> included. A row whose tokens hold no <eos> was cut by its cap."""
     device = model.wte.weight.device
@@ -138,12 +145,22 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         except RuntimeError as e:  # the eager fallback: same tokens, just slower
             warnings.warn(f"CUDA graph capture failed, decoding eagerly instead ({str(e).splitlines()[0]})")
             mode = "static"
+    rows = torch.arange(B, device=device)  # the rows still in the batch (eager drops finished ones)
     for i in range(n_steps):
-        nxt = next_token(logits, temperature, top_k, generator).masked_fill(done, PAD)  # (B,)
-        out[:, i] = nxt
+        nxt = next_token(logits, temperature, top_k, generator, rows, B).masked_fill(done, PAD)  # (B',)
+        out[rows, i] = nxt
         done |= (nxt == EOS) | (caps <= i + 1)
-        if i + 1 == n_steps or (i % 16 == 15 and bool(done.all())):  # the only host sync
+        if i + 1 == n_steps:
             break
+        if i % 16 == 15:  # the only host sync: stop when every row is done
+            live = int((~done).sum())
+            if live == 0:
+                break
+            if mode == "eager" and drop_done and live <= 0.75 * len(done):  # a quarter done: drop them
+                keep = (~done).nonzero()[:, 0]                                                   # (B'',)
+                rows, nxt, tok, pos, seg, bias, caps, done = (
+                    x[keep] for x in (rows, nxt, tok, pos, seg, bias, caps, done))
+                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]   # (L, B'', nh, S, hd) copies
         tok.copy_(nxt)
         if graph is not None:
             graph.replay()

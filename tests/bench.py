@@ -17,6 +17,8 @@ rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), spli
         fp32 update is timed beside it on the same rollouts.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
         --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
+eval (not in all; give --ckpt): one evaluation batch (256 prompts of N problems under the budget
+        C = 288) at N = 1 and 3, eager decoding with finished rows dropped vs. kept in the batch.
 """
 import statistics
 import sys
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bcr  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from data import BadInput, build_tokenizer, doc_rng, packed_prompts, segments  # noqa: E402
+from data import BadInput, build_tokenizer, doc_rng, encode, packed_prompts, prompt, segments  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from sample import ArgParser, autocast, fail, load_checkpoint, pick_device  # noqa: E402
 
@@ -177,6 +179,27 @@ def bench_rl(model, device, n_rounds):
               f"mean completion {med['tokens']:.0f} tokens")
 
 
+def bench_eval(model, device, n_rounds, Ns=(1, 3)):
+    """The evaluation's first batch at each N (train.py defaults), decoded eagerly with and without
+    dropping finished rows, alternating; the same tokens either way (tests/test_sample.py)."""
+    cfg, tok = train.parse_config([]), build_tokenizer()
+    print(f"\nevaluation batch: {cfg.eval_batch} prompts, budget {train.budget(cfg)}, T={cfg.temperature}, "
+          f"median of {n_rounds}:")
+    for N in Ns:
+        probs = train.eval_problems(cfg)
+        ids = encode(tok, [prompt(probs[i * N:(i + 1) * N]) for i in range(cfg.eval_batch)])
+        lengths = {}
+
+        def run(drop):
+            gen = torch.Generator(device).manual_seed(cfg.eval_seed)
+            lengths[drop] = sample.generate(model, ids, train.budget(cfg), cfg.temperature, 0, gen, "eager", drop)[1]
+        med = rounds({True: lambda: run(True), False: lambda: run(False)}, n_rounds, device)
+        n = lengths[True]
+        assert torch.equal(n, lengths[False])
+        print(f"  N={N}: dropped {med[True]:.3f} s, kept {med[False]:.3f} s: {med[False] / med[True]:.2f}x "
+              f"(mean completion {n.float().mean():.0f} tokens, longest {int(n.max())})")
+
+
 def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):
     """Real pretraining steps (train.pretrain_step): documents of every length, so the micro-batch
     shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
@@ -204,10 +227,10 @@ def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):
 
 def main(argv=None):
     ap = ArgParser(prog="bench.py", description="nanoBCR speed benchmarks")
-    ap.add_argument("--what", default="all", choices=["all", "sample", "train", "rl", "pretrain"],
+    ap.add_argument("--what", default="all", choices=["all", "sample", "train", "rl", "pretrain", "eval"],
                     help="which benchmark (all: the first three)")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per contender (median reported)")
-    ap.add_argument("--ckpt", default="", help="checkpoint for the RL step (default: random weights)")
+    ap.add_argument("--ckpt", default="", help="checkpoint for the RL step and eval (default: random weights)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
@@ -236,6 +259,8 @@ def main(argv=None):
         bench_rl(model, device, args.rounds)
     if args.what == "pretrain":
         bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile)
+    if args.what == "eval":
+        bench_eval(model, device, args.rounds)
 
 
 if __name__ == "__main__":

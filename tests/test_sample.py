@@ -71,6 +71,20 @@ def test_sampled_paths_agree_and_seeds_reproduce():
     assert torch.equal(again, runs["eager"]) and not torch.equal(other, runs["eager"])
 
 
+def test_dropping_finished_rows_changes_no_token():
+    """Eager decoding drops finished rows from the batch (and its cache) once a quarter of it is
+    done; each remaining row must still get exactly the tokens, and the random draws, it would
+    have got in the whole batch: the same output as with drop_done=False and as the static path."""
+    model = random_gpt(4)
+    prompts = PROMPTS * 16  # 64 rows; a random model says <eos> (1 token in 23) at random steps
+    runs = [generate(model, prompts, 64, 1.0, 0, torch.Generator().manual_seed(9), mode, drop)
+            for mode, drop in (("eager", True), ("eager", False), ("static", True))]
+    n = runs[0][1]
+    assert (n <= 16).float().mean() >= 0.25 and (n > 32).any()  # rows were dropped, and some went on
+    for out, lengths in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and torch.equal(lengths, n)
+
+
 def test_top_k_and_temperature():
     model = random_gpt(3)
     g = torch.Generator().manual_seed(0)
