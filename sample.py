@@ -152,7 +152,7 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         done |= (nxt == EOS) | (caps <= i + 1)
         if i + 1 == n_steps:
             break
-        if i % 16 == 15:  # the only host sync: stop when every row is done
+        if i % 16 == 15:  # the only host syncs: stop when every row is done, or drop the done ones
             live = int((~done).sum())
             if live == 0:
                 break
