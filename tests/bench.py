@@ -17,8 +17,9 @@ rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), spli
         fp32 update is timed beside it on the same rollouts.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
         --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
-eval (not in all; give --ckpt): one evaluation batch (256 prompts of N problems under the budget
-        C = 288) at N = 1 and 3, eager decoding with finished rows dropped vs. kept in the batch.
+eval (not in all; give --ckpt): one evaluation batch (256 prompts, 512 with --preset=gpu, of N
+        problems under the budget C = 288) at N = 1 and 3, eager decoding with finished rows dropped
+        vs. kept in the batch, and on CUDA the CUDA-graph path.
 """
 import statistics
 import sys
@@ -179,25 +180,29 @@ def bench_rl(model, device, n_rounds):
               f"mean completion {med['tokens']:.0f} tokens")
 
 
-def bench_eval(model, device, n_rounds, Ns=(1, 3)):
-    """The evaluation's first batch at each N (train.py defaults), decoded eagerly with and without
-    dropping finished rows, alternating; the same tokens either way (tests/test_sample.py)."""
-    cfg, tok = train.parse_config([]), build_tokenizer()
+def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
+    """The evaluation's first batch at each N (train.py's defaults for --preset), decoded eagerly
+    with finished rows dropped and kept (the same tokens, tests/test_sample.py), and on CUDA by the
+    CUDA graph (whole batch, fixed shapes), alternating."""
+    cfg, tok = train.parse_config([f"--preset={preset}"]), build_tokenizer()
     print(f"\nevaluation batch: {cfg.eval_batch} prompts, budget {train.budget(cfg)}, T={cfg.temperature}, "
           f"median of {n_rounds}:")
+    modes = {"eager, dropped": ("eager", True), "eager, kept": ("eager", False)}
+    if device.type == "cuda":
+        modes["graph"] = ("graph", False)
     for N in Ns:
         probs = train.eval_problems(cfg)
         ids = encode(tok, [prompt(probs[i * N:(i + 1) * N]) for i in range(cfg.eval_batch)])
         lengths = {}
 
-        def run(drop):
+        def run(name):
             gen = torch.Generator(device).manual_seed(cfg.eval_seed)
-            lengths[drop] = sample.generate(model, ids, train.budget(cfg), cfg.temperature, 0, gen, "eager", drop)[1]
-        med = rounds({True: lambda: run(True), False: lambda: run(False)}, n_rounds, device)
-        n = lengths[True]
-        assert torch.equal(n, lengths[False])
-        print(f"  N={N}: dropped {med[True]:.3f} s, kept {med[False]:.3f} s: {med[False] / med[True]:.2f}x "
-              f"(mean completion {n.float().mean():.0f} tokens, longest {int(n.max())})")
+            lengths[name] = sample.generate(model, ids, train.budget(cfg), cfg.temperature, 0, gen, *modes[name])[1]
+        med = rounds({k: lambda k=k: run(k) for k in modes}, n_rounds, device)
+        n = lengths["eager, dropped"]
+        print(f"  N={N} (mean completion {n.float().mean():.0f} tokens, longest {int(n.max())}): "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in med.items())
+              + f"; kept / dropped {med['eager, kept'] / med['eager, dropped']:.2f}x")
 
 
 def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):
@@ -235,7 +240,7 @@ def main(argv=None):
     ap.add_argument("--n_layer", type=int, default=4, help="model size of the random-weight models")
     ap.add_argument("--n_embd", type=int, default=128, help="model width")
     ap.add_argument("--n_head", type=int, default=4, help="attention heads")
-    ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain: batch shapes of this preset")
+    ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain, eval: batch shapes of this preset")
     ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
     ap.add_argument("--compile", action="store_true", help="pretrain: torch.compile the forward")
     args = ap.parse_args(argv)
@@ -260,7 +265,7 @@ def main(argv=None):
     if args.what == "pretrain":
         bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile)
     if args.what == "eval":
-        bench_eval(model, device, args.rounds)
+        bench_eval(model, device, args.rounds, args.preset)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 #    training throughput and one BCR step
 # 3. real (variable-length) --preset=gpu pretraining steps with a profile: the fixed-shape training
 #    bench cannot see per-shape costs (on an H100 they once made a step 100x slower per token)
-# 4. the full reproduction with --preset=gpu (one seed)
+# 4. the full reproduction with --preset=gpu (one seed), then an evaluation batch of its base decoded
+#    eagerly (finished rows dropped / kept) and by the CUDA graph
 # 5. the sampler and training benchmarks at the --preset=gpu size, and torch.compile'd pretraining
 # 6. two more seeds of the reproduction, if time is left
 set -uo pipefail
@@ -39,6 +40,7 @@ part 45 $py tests/bench.py --what=rl --rounds=5
 part 60 $py tests/bench.py --what=pretrain --rounds=10 $gpu --profile
 part 9999 $py train.py --preset=gpu --out_dir="$out"
 cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
+part 60 $py tests/bench.py --what=eval --rounds=3 --ckpt="$out/base" --preset=gpu
 part 60 $py tests/bench.py --what=sample --rounds=5 $gpu
 part 45 $py tests/bench.py --what=train --rounds=5 $gpu
 part 150 $py tests/bench.py --what=pretrain --rounds=10 $gpu --compile
