@@ -130,7 +130,7 @@ def test_rows_stop_independently_and_cap_is_hard():
     # two rows end by their caps (20, 30) before the check at 32 tokens drops them; the other two
     # must keep their own positions and caps to say <eos> at 40 - (len - 1) + 1 tokens
     for mode in ("eager", "static"):
-        out, n = generate(StopAt(40), [[3] * 2, [3] * 6, [3] * 9, [3] * 4], [20, 50, 50, 30], temperature=0, mode=mode)
+        out, n = generate(StopAt(40), [[3] * 2, [3] * 6, [3] * 9, [3] * 4], [20, 50, 50, 30], 0, mode=mode)
         assert n.tolist() == [20, 36, 33, 30] and out[1, 35] == EOS and out[2, 32] == EOS
 
 
