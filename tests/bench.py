@@ -17,10 +17,11 @@ rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), spli
         fp32 update is timed beside it on the same rollouts.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
         --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
-eval (not in all; give --ckpt): one evaluation batch (256 prompts, 512 with --preset=gpu, of N
-        problems under the budget C = 288) at N = 1 and 3, eager decoding with finished rows dropped
+eval (not in all; give --ckpt): the evaluation's first batch (up to 256 prompts, 512 with
+        --preset=gpu, of N problems under the budget C = 288) at N = 1 and 3, eager decoding with finished rows dropped
         vs. kept in the batch, and on CUDA the CUDA-graph path.
 """
+import math
 import statistics
 import sys
 import time
@@ -185,14 +186,15 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
     with finished rows dropped and kept (the same tokens, tests/test_sample.py), and on CUDA by the
     CUDA graph (whole batch, fixed shapes), alternating."""
     cfg, tok = train.parse_config([f"--preset={preset}"]), build_tokenizer()
-    print(f"\nevaluation batch: {cfg.eval_batch} prompts, budget {train.budget(cfg)}, T={cfg.temperature}, "
+    print(f"\nevaluation batch: up to {cfg.eval_batch} prompts, budget {train.budget(cfg)}, T={cfg.temperature}, "
           f"median of {n_rounds}:")
     modes = {"eager, dropped": ("eager", True), "eager, kept": ("eager", False)}
     if device.type == "cuda":
         modes["graph"] = ("graph", False)
-    for N in Ns:
-        probs = train.eval_problems(cfg)
-        ids = encode(tok, [prompt(probs[i * N:(i + 1) * N]) for i in range(cfg.eval_batch)])
+    probs = train.eval_problems(cfg)
+    for N in Ns:  # the prompts bcr.evaluate decodes first: ceil(len/N) of them, problems reused to fill
+        flat = (probs * 2)[:math.ceil(len(probs) / N) * N]
+        ids = encode(tok, [prompt(flat[i:i + N]) for i in range(0, len(flat), N)][:cfg.eval_batch])
         lengths = {}
 
         def run(name):
@@ -200,7 +202,7 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
             lengths[name] = sample.generate(model, ids, train.budget(cfg), cfg.temperature, 0, gen, *modes[name])[1]
         med = rounds({k: lambda k=k: run(k) for k in modes}, n_rounds, device)
         n = lengths["eager, dropped"]
-        print(f"  N={N} (mean completion {n.float().mean():.0f} tokens, longest {int(n.max())}): "
+        print(f"  N={N}, {len(ids)} prompts (mean completion {n.float().mean():.0f} tokens, longest {int(n.max())}): "
               + ", ".join(f"{k} {v:.3f} s" for k, v in med.items())
               + f"; kept / dropped {med['eager, kept'] / med['eager, dropped']:.2f}x")
 
