@@ -152,12 +152,11 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         done |= (nxt == EOS) | (caps <= i + 1)
         if i + 1 == n_steps:
             break
-        if i % 16 == 15:  # the only host syncs: stop when every row is done, or drop the done ones
-            live = int((~done).sum())
-            if live == 0:
+        if i % 16 == 15:  # the only host sync: which rows still go on (none: stop)
+            keep = (~done).nonzero()[:, 0]                                                       # (B'',)
+            if len(keep) == 0:
                 break
-            if mode == "eager" and drop_done and live <= 0.75 * len(done):  # a quarter done: drop them
-                keep = (~done).nonzero()[:, 0]                                                   # (B'',)
+            if mode == "eager" and drop_done and len(keep) <= 0.75 * len(done):  # a quarter done: drop
                 rows, nxt, tok, pos, seg, bias, caps, done = (
                     x[keep] for x in (rows, nxt, tok, pos, seg, bias, caps, done))
                 cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]   # (L, B'', nh, S, hd) copies
