@@ -4,12 +4,12 @@
 # Each part gets a time limit, and no part starts past the deadline, so a short lease still brings
 # back the figures measured so far. In order of importance:
 # 1. the CUDA-only test (CUDA-graph decoding == static decoding, token for token)
-# 2. at the default size: the sampler benchmark (eager / static / CUDA graph / naive / HF generate),
-#    training throughput and one BCR step
-# 3. real (variable-length) --preset=gpu pretraining steps with a profile: the fixed-shape training
+# 2. real (variable-length) --preset=gpu pretraining steps with a profile: the fixed-shape training
 #    bench cannot see per-shape costs (on an H100 they once made a step 100x slower per token)
-# 4. the full reproduction with --preset=gpu (one seed), then an evaluation batch of its base decoded
-#    eagerly (finished rows dropped / kept) and by the CUDA graph
+# 3. the full reproduction with --preset=gpu (one seed), leaving 150 s for what follows; then an
+#    evaluation batch of its base decoded eagerly (finished rows dropped / kept) and by the CUDA graph
+# 4. at the default size: the sampler benchmark (eager / static / CUDA graph / naive / HF generate),
+#    training throughput and one BCR step
 # 5. the sampler and training benchmarks at the --preset=gpu size, and torch.compile'd pretraining
 # 6. two more seeds of the reproduction, if time is left
 set -uo pipefail
@@ -34,13 +34,13 @@ gpu="--preset=gpu --n_layer=6 --n_embd=256 --n_head=8"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
 part 60 $py -m pytest -q -s -x tests/test_sample.py -k cuda -p no:cacheprovider
+part 60 $py tests/bench.py --what=pretrain --rounds=10 $gpu --profile
+part $((budget - SECONDS - 150)) $py train.py --preset=gpu --out_dir="$out"
+cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
+part 60 $py tests/bench.py --what=eval --rounds=3 --ckpt="$out/base" --preset=gpu
 part 60 $py tests/bench.py --what=sample --rounds=5
 part 45 $py tests/bench.py --what=train --rounds=5
 part 45 $py tests/bench.py --what=rl --rounds=5
-part 60 $py tests/bench.py --what=pretrain --rounds=10 $gpu --profile
-part 9999 $py train.py --preset=gpu --out_dir="$out"
-cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
-part 60 $py tests/bench.py --what=eval --rounds=3 --ckpt="$out/base" --preset=gpu
 part 60 $py tests/bench.py --what=sample --rounds=5 $gpu
 part 45 $py tests/bench.py --what=train --rounds=5 $gpu
 part 150 $py tests/bench.py --what=pretrain --rounds=10 $gpu --compile
