@@ -213,9 +213,9 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
     n_targets = sum(len(x) - n for x, n in rows)
     micro, out = [], []
     for r in rows[rank::world] + [None]:  # ascending length: the newest row sets the padded width
-        # cut when the micro-batch would exceed its token budget or pad its rows by over 20%
+        # cut when the micro-batch would exceed its token budget or pad its rows by over pt_max_pad
         if micro and (r is None or (len(micro) + 1) * len(r[0]) > cfg.pt_micro_tokens
-                      or len(r[0]) > 1.2 * len(micro[0][0])):
+                      or len(r[0]) > cfg.pt_max_pad * len(micro[0][0])):
             T = len(micro[-1][0]) - 1
             idx = torch.full((len(micro), T), PAD)  # (b, T)
             tgt = torch.full((len(micro), T), -1)   # (b, T)

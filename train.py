@@ -69,6 +69,7 @@ class Config:
     pt_steps: int = F_(1000, "pretraining steps")
     pt_docs: int = F_(32, "documents per pretraining step (small batches, many updates: measured faster)")
     pt_micro_tokens: int = F_(4096, "padded tokens per micro-batch")
+    pt_max_pad: float = F_(1.2, "a micro-batch ends before a row longer than this x its first (GPU: try more: fewer kernels)")
     pt_lr: float = F_(2e-3, "peak AdamW learning rate of pretraining (embeddings, norms)")
     pt_muon_lr: float = F_(0.02, "Muon learning rate of the blocks' matrices (0: AdamW for every weight)")
     pt_grow_N: float = F_(0.5, "share of pretraining over which the largest N grows from 2 to max_N")
@@ -104,7 +105,7 @@ PRESETS = {"cpu": {}, "gpu": dict(n_layer=6, n_head=8, n_embd=256, pt_docs=64, p
                                   prompts=32, eval_batch=512)}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "base_seed",
-                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_lr", "pt_muon_lr", "pt_grow_N",
+                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_max_pad", "pt_lr", "pt_muon_lr", "pt_grow_N",
                           "pt_concise", "warmup", "grad_clip")
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
                        "token_mean", "slot_credit", "kl", "format_bonus", "lenpen", "update_dtype")
@@ -166,6 +167,7 @@ def validate(cfg):
     need(cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
          "n_embd must be a multiple of n_head with an even head size (RoPE)")
     need(cfg.temperature >= 0, "--temperature must be >= 0")
+    need(cfg.pt_max_pad >= 1, "--pt_max_pad must be >= 1")
     need(0 <= cfg.p_loop <= 1 and 0 <= cfg.p_again < 1, "p_loop must be in [0, 1] and p_again in [0, 1)")
     worst = (10 ** cfg.max_digits - 1, "+", 10 ** cfg.max_digits - 1)
     shortest = len(solution(worst, 1)) + 1
@@ -254,7 +256,8 @@ def existing(folder, cfg, keys):
         return None
     _, _, meta = load_checkpoint(folder)
     saved = meta.get("train", {})
-    diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
+    saved = {k: saved.get(k, getattr(Config, k)) for k in keys}  # a key added later: its default
+    diff = [f"{k}: {saved[k]!r} there, {getattr(cfg, k)!r} now" for k in keys if saved[k] != getattr(cfg, k)]
     if diff:
         raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "
                        f"use another --out_dir or remove that folder")

@@ -207,18 +207,19 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
               + f"; kept / dropped {med['eager, kept'] / med['eager, dropped']:.2f}x")
 
 
-def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False):
+def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False, max_pad=None):
     """Real pretraining steps (train.pretrain_step): documents of every length, so the micro-batch
     shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
     100x fewer tokens/s). Steps from pt_concise * pt_steps on: past both curricula."""
-    cfg = train.parse_config([f"--preset={preset}"])
+    cfg = train.parse_config([f"--preset={preset}"] + ([f"--pt_max_pad={max_pad}"] if max_pad else []))
     tok, opt = build_tokenizer(), train.new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
     s0, rows = int(cfg.pt_concise * cfg.pt_steps), []
     fwd = torch.compile(model) if compile_ else model  # compiling happens in the warm-up step(s)
     step = lambda i: rows.append(train.pretrain_step(model, fwd, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
     total = [timed(lambda i=i: step(i), device) for i in range(n_rounds + 1)][1:]  # the first step warms up
     med = {k: statistics.median(r[k] for r in rows[1:]) for k in ("tokens_per_s", "t_data", "micro_batches")}
-    print(f"\npretraining{' (compiled)' if compile_ else ''} (--preset={preset}, {cfg.pt_docs} documents a step), "
+    print(f"\npretraining{' (compiled)' if compile_ else ''} (--preset={preset}, {cfg.pt_docs} documents a step, "
+          f"pt_max_pad {cfg.pt_max_pad}), "
           f"median of {n_rounds}: "
           f"{statistics.median(total):.3f} s a step, data {med['t_data']:.3f} s, "
           f"{med['micro_batches']:.0f} micro-batches, {med['tokens_per_s']:.0f} tok/s")
@@ -245,10 +246,13 @@ def main(argv=None):
     ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain, eval: batch shapes of this preset")
     ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
     ap.add_argument("--compile", action="store_true", help="pretrain: torch.compile the forward")
+    ap.add_argument("--pt_max_pad", type=float, default=None, help="pretrain: train.py's --pt_max_pad (default: the preset's)")
     args = ap.parse_args(argv)
     try:
         if args.rounds < 1:
             raise BadInput("--rounds must be >= 1")
+        if args.pt_max_pad is not None and args.pt_max_pad < 1:
+            raise BadInput("--pt_max_pad must be >= 1")
         device = pick_device(args.device)
         torch.manual_seed(0)
         cfg = GPTConfig(vocab_size=23, block_size=768, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
@@ -265,7 +269,7 @@ def main(argv=None):
     if args.what in ("all", "rl"):
         bench_rl(model, device, args.rounds)
     if args.what == "pretrain":
-        bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile)
+        bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile, args.pt_max_pad)
     if args.what == "eval":
         bench_eval(model, device, args.rounds, args.preset)
 

@@ -5,7 +5,8 @@
 # back the figures measured so far. In order of importance:
 # 1. the CUDA-only test (CUDA-graph decoding == static decoding, token for token)
 # 2. real (variable-length) --preset=gpu pretraining steps with a profile: the fixed-shape training
-#    bench cannot see per-shape costs (on an H100 they once made a step 100x slower per token)
+#    bench cannot see per-shape costs (on an H100 they once made a step 100x slower per token);
+#    then the same steps in fewer, bigger micro-batches (--pt_max_pad: fewer kernel launches)
 # 3. the full reproduction with --preset=gpu (one seed), leaving 150 s for what follows; then an
 #    evaluation batch of its base decoded eagerly (finished rows dropped / kept) and by the CUDA graph
 # 4. at the default size: the sampler benchmark (eager / static / CUDA graph / naive / HF generate),
@@ -35,6 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import torch, transformers; print('torch', torch.__version__, torch.cuda.get_device_name(), 'transformers', transformers.__version__)"
 part 60 $py -m pytest -q -s -x tests/test_sample.py -k cuda -p no:cacheprovider
 part 60 $py tests/bench.py --what=pretrain --rounds=10 $gpu --profile
+part 45 $py tests/bench.py --what=pretrain --rounds=10 $gpu --pt_max_pad=100  # 2 micro-batches, not 13
 part $((budget - SECONDS - 150)) $py train.py --preset=gpu --out_dir="$out"
 cat "$out/report.md" 2>/dev/null && cp "$out/report.md" "$out/report-1seed.md"
 part 60 $py tests/bench.py --what=eval --rounds=3 --ckpt="$out/base" --preset=gpu

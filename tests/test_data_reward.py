@@ -10,7 +10,7 @@ from data import (CHARS, EOS, PAD, BadInput, build_tokenizer, encode, is_heldout
 from reward import score
 
 CFG = SimpleNamespace(max_digits=3, ops="+-", max_N=8, p_loop=0.6, p_again=0.4, max_loops=4, base_seed=0,
-                      pt_docs=24, pt_micro_tokens=2048, block_size=640, pt_steps=100, pt_grow_N=0.5, pt_concise=0.7)
+                      pt_docs=24, pt_micro_tokens=2048, pt_max_pad=1.2, block_size=640, pt_steps=100, pt_grow_N=0.5, pt_concise=0.7)
 
 
 def replay_steps(p):

@@ -96,6 +96,30 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tiny, capsys):
     assert digest(tiny / "base") == before
 
 
+def test_a_flag_added_later_reads_as_its_default_in_an_old_checkpoint(tiny, tmp_path):
+    """A checkpoint saved before a config key existed was made with that key's default: it is
+    reused under the default and refused under any other value (pt_max_pad came in a later commit)."""
+    old = tmp_path / "base"
+    os.makedirs(old)
+    for f in os.listdir(tiny / "base"):
+        Path(old / f).write_bytes(Path(tiny / "base" / f).read_bytes())
+    meta = json.loads((old / "config.json").read_text())
+    del meta["train"]["pt_max_pad"]
+    (old / "config.json").write_text(json.dumps(meta))
+    assert train.existing(old, train.parse_config(TINY), train.BASE_KEYS) is not None
+    with pytest.raises(train.BadInput, match="pt_max_pad: 1.2 there, 3.0 now"):
+        train.existing(old, train.parse_config(TINY + ["--pt_max_pad=3"]), train.BASE_KEYS)
+
+
+def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
+    """--pt_max_pad (more padding allowed, fewer micro-batches: for GPUs, where each one costs kernel
+    launches) changes only how the same rows are grouped: the same losses up to float rounding."""
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_max_pad=100"]) == 0
+    logs = [[json.loads(x) for x in open(f"{d}/base.jsonl")] for d in (tiny, tmp_path)]
+    assert sum(r["micro_batches"] for r in logs[1]) < sum(r["micro_batches"] for r in logs[0])
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(*logs)) < 1e-5
+
+
 @pytest.mark.parametrize("cut", [1, 2])
 def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny, cut):
     import shutil
