@@ -256,8 +256,8 @@ def existing(folder, cfg, keys):
         return None
     _, _, meta = load_checkpoint(folder)
     saved = meta.get("train", {})
-    saved = {k: saved.get(k, getattr(Config, k)) for k in keys}  # a key added later: its default
-    diff = [f"{k}: {saved[k]!r} there, {getattr(cfg, k)!r} now" for k in keys if saved[k] != getattr(cfg, k)]
+    saved = {k: saved.get(k, getattr(Config, k)) for k in keys} if saved else {}  # a key added later: its default
+    diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "
                        f"use another --out_dir or remove that folder")
