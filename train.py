@@ -110,6 +110,7 @@ BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "ma
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
                        "token_mean", "slot_credit", "kl", "format_bonus", "lenpen", "update_dtype")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
+MADE_WITH = {"pt_max_pad": 1.2}  # keys added later: the value that checkpoints saved before them were made with
 STAGES = ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report")
 
 
@@ -255,8 +256,7 @@ def existing(folder, cfg, keys):
     if not os.path.exists(folder):
         return None
     _, _, meta = load_checkpoint(folder)
-    saved = meta.get("train", {})
-    saved = {k: saved.get(k, getattr(Config, k)) for k in keys} if saved else {}  # a key added later: its default
+    saved = {**MADE_WITH, **meta.get("train", {})}
     diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "

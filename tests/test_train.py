@@ -96,9 +96,9 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tiny, capsys):
     assert digest(tiny / "base") == before
 
 
-def test_a_flag_added_later_reads_as_its_default_in_an_old_checkpoint(tiny, tmp_path):
-    """A checkpoint saved before a config key existed was made with that key's default: it is
-    reused under the default and refused under any other value (pt_max_pad came in a later commit)."""
+def test_a_flag_added_later_reads_as_what_an_old_checkpoint_was_made_with(tiny, tmp_path):
+    """A checkpoint saved before pt_max_pad existed was made with 1.2 (then hard-coded): it is reused
+    under 1.2 and refused under any other value. Keys not in train.MADE_WITH get no such grace."""
     old = tmp_path / "base"
     os.makedirs(old)
     for f in os.listdir(tiny / "base"):
@@ -109,6 +109,10 @@ def test_a_flag_added_later_reads_as_its_default_in_an_old_checkpoint(tiny, tmp_
     assert train.existing(old, train.parse_config(TINY), train.BASE_KEYS) is not None
     with pytest.raises(train.BadInput, match="pt_max_pad: 1.2 there, 3.0 now"):
         train.existing(old, train.parse_config(TINY + ["--pt_max_pad=3"]), train.BASE_KEYS)
+    del meta["train"]["pt_lr"]
+    (old / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(train.BadInput, match="pt_lr: None there"):
+        train.existing(old, train.parse_config(TINY), train.BASE_KEYS)
 
 
 def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
