@@ -231,6 +231,24 @@ def test_findings_survive_a_base_with_nothing_to_compare():
     assert "nan" in f["loops_vanish"]["evidence"] and "nan" in f["free_lunch"]["evidence"]
 
 
+def test_length_penalty_finding_counts_collapsed_seeds():
+    """The rule wants every seed to collapse; the evidence says how many did (on an H100, 2 of 3)."""
+    cfg = train.parse_config(TINY + ["--seeds=3"])
+    C = train.budget(cfg)
+
+    def rows(acc):
+        return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": acc, "tokens_per_problem": 30.0,
+                          "tokens_per_problem_se": 0.1, "loops_per_problem": 1.0, "steps_per_problem": 1.5}
+                         for N in train.eval_Ns(cfg)]}
+    ev = {"base": rows(1.0), **{f"{k}-s{s}": rows(1.0) for k in ("bcr", "grpo") for s in (1, 2, 3)},
+          "lenpen-s1": rows(0.8), "lenpen-s2": rows(0.85), "lenpen-s3": rows(1.0)}
+    lp = train.findings(cfg, ev)["length_penalty"]
+    assert not lp["reproduced"] and "collapsed in 2 of 3 seeds" in lp["evidence"]
+    ev["lenpen-s3"] = rows(0.5)
+    lp = train.findings(cfg, ev)["length_penalty"]
+    assert lp["reproduced"] and "collapsed in 3 of 3 seeds" in lp["evidence"]
+
+
 def corrupt(tiny, tmp_path, how):
     import shutil
     d = tmp_path / "ck"
