@@ -120,8 +120,8 @@ def parse_problems(text):
         s = part.replace(" ", "")
         op = "+" if "+" in s else "-"
         a, _, b = s.partition(op)
-        if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii()):
-            raise BadInput(f"cannot read problem {part.strip()!r}: expected e.g. 47+85 or 602-58")
+        if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii() and max(len(a), len(b)) <= 18):
+            raise BadInput(f"cannot read problem {part.strip()!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
         if op == "-" and int(a) < int(b):
             raise BadInput(f"problem {part.strip()!r} has a negative result, which the format cannot write")
         out.append((int(a), op, int(b)))

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from data import BadInput
 
@@ -45,6 +45,14 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     n_seg: int = 16        # segment (problem index) embeddings: up to n_seg - 2 problems
+
+    def __post_init__(self):  # a bad shape costs one line here, not a tensor error deep in GPT()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if type(v) is not int or not 1 <= v <= 2 ** 16:
+                raise BadInput(f"{f.name} must be an integer from 1 to 65536 (got {v!r})")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise BadInput("n_embd must be a multiple of n_head with an even head size (RoPE)")
 
 
 def rope_tables(block_size, head_dim, base=1e5):
@@ -194,23 +202,30 @@ def load_model(folder, device="cpu"):
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise BadInput(f"checkpoint {str(folder)!r} is missing {name}")
-    try:
+    try:  # an unreadable file (permissions) is an OSError naming it, reported by the CLIs
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
-        names = {f.name for f in fields(GPTConfig)}
-        if not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:
-            raise BadInput(f"{folder}/config.json does not describe a GPTConfig")
-        model = GPT(GPTConfig(**meta["model"]))
-        sd = load_file(os.path.join(folder, "model.safetensors"))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
         raise BadInput(f"{folder}/config.json is corrupt ({e})") from None
-    except (SafetensorError, OSError) as e:
-        raise BadInput(f"{folder}/model.safetensors is unreadable ({str(e).splitlines()[0]})") from None
+    names = {f.name for f in fields(GPTConfig)}
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:
+        raise BadInput(f"{folder}/config.json does not describe a GPTConfig")
+    try:
+        model = GPT(GPTConfig(**meta["model"]))
+    except BadInput as e:
+        raise BadInput(f"{folder}/config.json: {e}") from None
+    try:
+        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+            sd = load(f.read())
+    except SafetensorError as e:
+        raise BadInput(f"{folder}/model.safetensors is corrupt ({str(e).splitlines()[0]})") from None
     sd["lm_head.weight"] = sd.get("wte.weight")
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in sd.items() if v is not None}
+    want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    got = {k: (tuple(v.shape), v.dtype) for k, v in sd.items() if v is not None}
     if want != got:
-        bad = sorted(set(want.items()) ^ set(got.items()))[0][0]
+        bad = sorted(set(want) ^ set(got) or [k for k in want if want[k] != got[k]])[0]
         raise BadInput(f"{folder}: weights do not match config.json (first mismatch: {bad})")
+    if not all(v.isfinite().all() for v in sd.values()):
+        raise BadInput(f"{folder}/model.safetensors holds non-finite weights")
     model.load_state_dict(sd)
     return model.to(device), meta

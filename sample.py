@@ -44,14 +44,18 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def pick_device(name="auto"):
-    """The one place that decides the device: cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """The one place that decides the device: cuda, then mps, then cpu. A named one must be here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"--device={name!r}: expected auto, cpu, cuda, cuda:K or mps") from None
+    here = {"cpu": True, "mps": mps, "cuda": (device.index or 0) < torch.cuda.device_count()}
+    if not here.get(device.type):
+        raise BadInput(f"--device={name}: no such device on this machine")
+    return device
 
 
 def autocast(device, bf16=None):
@@ -239,8 +243,10 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = ap.parse_args(argv)
     try:
-        if args.temperature < 0 or args.top_k < 0 or args.max_new < 0:
-            raise BadInput("--temperature, --top_k and --max_new must be >= 0")
+        if not (0 <= args.temperature < float("inf")) or args.top_k < 0 or args.max_new < 0:
+            raise BadInput("--temperature (finite), --top_k and --max_new must be >= 0")
+        if not 0 <= args.seed < 2 ** 63:
+            raise BadInput("--seed must be in [0, 2**63)")
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
         model, tok, _ = load_checkpoint(args.ckpt, device)
@@ -253,7 +259,7 @@ def main(argv=None):
                            f"model's context of {model.cfg.block_size} tokens")
         gen = torch.Generator(device).manual_seed(args.seed)
         out, n = generate(model, [ids], args.max_new or room, args.temperature, args.top_k, gen)
-    except BadInput as e:
+    except (BadInput, OSError) as e:  # OSError: a file that cannot be read, named in the message
         fail(e)
     text = tok.decode(out[0, :n[0]].tolist())
     r = score(text, problems, truncated=EOS not in out[0].tolist())

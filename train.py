@@ -158,19 +158,24 @@ def validate(cfg):
     need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
     need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
     need(cfg.update_dtype in ("auto", "bf16", "fp32"), "--update_dtype must be auto, bf16 or fp32")
-    need(all(x.strip().isdigit() for x in cfg.eval_Ns.split(",")),
+    need(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")),
          "--eval_Ns must be a comma-separated list of integers")
     need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
          "N, max_N and every eval N must be between 1 and 14")
     need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
-    need(min(cfg.seeds, cfg.G, cfg.prompts, cfg.max_digits, cfg.eval_problems, cfg.eval_batch) >= 1,
-         "seeds, G, prompts, max_digits, eval_problems and eval_batch must be >= 1")
-    need(min(cfg.pt_steps, cfg.rl_steps, cfg.warmup, cfg.save_every - 1) >= 0, "step counts must be >= 0")
-    need(cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0,
-         "n_embd must be a multiple of n_head with an even head size (RoPE)")
-    need(cfg.temperature >= 0, "--temperature must be >= 0")
-    need(cfg.pt_max_pad >= 1, "--pt_max_pad must be >= 1")
-    need(0 <= cfg.p_loop <= 1 and 0 <= cfg.p_again < 1, "p_loop must be in [0, 1] and p_again in [0, 1)")
+    need(all(math.isfinite(getattr(cfg, f.name)) for f in fields(cfg) if f.type is float),
+         "every float flag must be finite")
+    at_least = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
+                           "pt_max_pad", 0: "seed base_seed eval_seed pt_steps rl_steps warmup max_loops C "
+                           "temperature pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop p_again pt_grow_N pt_concise"}
+    for lo, names in at_least.items():
+        for name in names.split():
+            need(getattr(cfg, name) >= lo, f"--{name} must be >= {lo}")
+    need(max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31")
+    need(cfg.max_digits <= 18, "--max_digits must be at most 18")
+    need(all(getattr(cfg, k) <= 1 for k in ("p_loop", "pt_grow_N", "pt_concise")) and cfg.p_again < 1,
+         "--p_loop, --pt_grow_N and --pt_concise must be at most 1, --p_again below 1")
+    GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size)
     worst = (10 ** cfg.max_digits - 1, "+", 10 ** cfg.max_digits - 1)
     shortest = len(solution(worst, 1)) + 1
     need(cfg.b >= shortest, f"--b={cfg.b} cannot hold even one concise answer ({shortest} tokens)")
@@ -187,15 +192,20 @@ def validate(cfg):
 def setup(cfg):
     """(rank, world, device). A no-op for one process; under torchrun, one process per device
     (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(cfg.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        else:  # K processes on one CPU: share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if world > min(cfg.prompts, cfg.pt_docs):
+            raise BadInput(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
+        if world > 1:
+            if device.type == "cuda":
+                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+                torch.cuda.set_device(device)
+            else:  # K processes on one CPU: share the cores instead of oversubscribing them
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (KeyError, ValueError) as e:  # a missing or non-integer variable; rendezvous errors are ValueErrors
+        raise BadInput(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
     return rank, world, device
 
 
@@ -233,16 +243,24 @@ def save(folder, model, tok, cfg, step, done, opt, wall_s):
     """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
     at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
     tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     os.makedirs(tmp)
     save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
     tok.save(f"{tmp}/tokenizer.json")
     torch.save({"step": step, "opt": opt.state_dict(), "rng": rng_states()}, f"{tmp}/state.pt")
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
+
+
+def remove(path):
+    """A leftover folder (or, from a user's mistake, a file) at a temporary path."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def recover(folder):
@@ -257,7 +275,10 @@ def existing(folder, cfg, keys):
     if not os.path.exists(folder):
         return None
     _, _, meta = load_checkpoint(folder)
-    saved = {**MADE_WITH, **meta.get("train", {})}
+    if not (isinstance(meta.get("train"), dict) and isinstance(meta.get("done"), bool)
+            and isinstance(meta.get("step"), int) and isinstance(meta.get("wall_s"), (int, float))):
+        raise BadInput(f"{folder}/config.json is not a train.py checkpoint (no train config, step, done or wall_s)")
+    saved = {**MADE_WITH, **meta["train"]}
     diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "
@@ -272,13 +293,14 @@ def restore(folder, model, opt):
     """Weights, optimizer state and RNGs of a checkpoint; returns its step."""
     loaded, _ = load_model(folder)
     model.load_state_dict(loaded.state_dict())
-    try:
+    try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
         state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
+        opt.load_state_dict(state["opt"])
+        set_rng_states(state["rng"])
+        return state["step"]
     except Exception as e:
-        raise BadInput(f"{folder}/state.pt is unreadable ({str(e).splitlines()[0][:80]})") from None
-    opt.load_state_dict(state["opt"])
-    set_rng_states(state["rng"])
-    return state["step"]
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise BadInput(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None
 
 
 class Log:
@@ -288,8 +310,15 @@ class Log:
         self.path, self.on = path, rank == 0
         if self.on:
             lines = open(path).readlines() if os.path.exists(path) and start > 0 else []
+            keep = []
+            for i, x in enumerate(lines):  # all read before the file is rewritten: a bad line costs nothing
+                try:
+                    keep += [x.rstrip("\n") + "\n"] if json.loads(x)["step"] < start else []
+                except (ValueError, KeyError, TypeError):
+                    if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
+                        raise BadInput(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
             with open(path, "w") as f:
-                f.writelines(x for x in lines if json.loads(x)["step"] < start)
+                f.writelines(keep)
 
     def __call__(self, row):
         if self.on:
@@ -475,10 +504,12 @@ def evaluation(cfg, run, rank, world, device):
     path = f"{cfg.out_dir}/{run}/eval.json"
     key = {k: getattr(cfg, k) for k in EVAL_KEYS}
     if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return cached
+        try:
+            cached = read_json(path)
+            if cached.get("key") == key:
+                return cached
+        except (BadInput, AttributeError):  # a corrupt cache is recomputed
+            pass
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
     problems = eval_problems(cfg)
@@ -562,14 +593,22 @@ def curve(path):
     return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in keep]
 
 
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise BadInput(f"{path} is corrupt ({e})") from None
+
+
 def write_report(cfg, device, wall):
     missing = [r for r in runs(cfg) if not os.path.exists(f"{cfg.out_dir}/{r}/eval.json")]
     if missing:
         raise BadInput(f"no evaluated {', '.join(missing)} in {cfg.out_dir}: run the missing stages first")
-    ev = {run: json.load(open(f"{cfg.out_dir}/{run}/eval.json")) for run in runs(cfg)}
+    ev = {run: read_json(f"{cfg.out_dir}/{run}/eval.json") for run in runs(cfg)}
     for stage in ("pretrain", "bcr", "grpo", "lenpen"):
         names = ["base"] if stage == "pretrain" else [r for r in runs(cfg) if r.startswith(stage)]
-        wall[stage] = sum(json.load(open(f"{cfg.out_dir}/{n}/config.json"))["wall_s"] for n in names)
+        wall[stage] = sum(read_json(f"{cfg.out_dir}/{n}/config.json").get("wall_s", 0) for n in names)
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     name += f", RL update in {'bf16' if bcr.update_bf16(cfg, device) else 'fp32'}"
@@ -674,7 +713,7 @@ def main(argv=None):
             print(f"wrote {cfg.out_dir}/report.md and report.json")
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
-    except BadInput as e:
+    except (BadInput, OSError) as e:  # OSError: a folder or file it cannot write or read, named in the message
         fail(e)
     finally:
         if dist.is_initialized():

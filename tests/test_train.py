@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sample
 import train
@@ -55,13 +55,27 @@ def interrupt_at(monkeypatch, module, name, step):
     monkeypatch.setattr(module, name, wrapped)
 
 
-def test_pretrain_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
+def test_pretrain_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny, capsys):
     with monkeypatch.context() as m:
         interrupt_at(m, train, "pretrain_batch", 5)  # checkpoint at step 3, killed in step 5
         with pytest.raises(KeyboardInterrupt):
             run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"])
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2  # unfinished: needs --resume
-    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--resume"]) == 0
+    resume = TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--resume"]
+    # broken files are refused in one line and left as they are
+    state, log = tmp_path / "base" / "state.pt", tmp_path / "base.jsonl"
+    good_state, good_log = state.read_bytes(), log.read_text()
+    state.write_bytes(b"")
+    before = digest(tmp_path / "base")
+    assert run(resume) == 2 and digest(tmp_path / "base") == before
+    state.write_bytes(good_state)
+    lines = good_log.splitlines(keepends=True)
+    log.write_text(lines[0] + "{broken\n" + "".join(lines[1:]))  # a corrupt line inside the log
+    assert run(resume) == 2 and log.read_text() == lines[0] + "{broken\n" + "".join(lines[1:])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "state.pt" in err[-2] and "line 2 is corrupt" in err[-1], err
+    log.write_text(good_log + '{"step": 5, "lo')  # a last line cut by a kill mid-write: dropped
+    assert run(resume) == 0
     a, b = weights(tmp_path / "base"), weights(tiny / "base")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [int(x.split('"step": ')[1].split(",")[0]) for x in open(tmp_path / "base.jsonl")]
@@ -267,12 +281,24 @@ def corrupt(tiny, tmp_path, how):
         (d / "config.json").write_text("{not json")
     elif how == "tokenizer":
         (d / "tokenizer.json").write_text("[]")
+    elif how in ("null", "n_head=0", "n_embd=-4", "n_layer=1.5"):  # valid JSON, not a model
+        meta = json.loads((d / "config.json").read_text())
+        if how != "null":
+            meta["model"][how.split("=")[0]] = json.loads(how.split("=")[1])
+        (d / "config.json").write_text(json.dumps(None if how == "null" else meta))
+    elif how in ("int64", "nan"):  # the right names and shapes, wrong values
+        sd = load_file(d / "model.safetensors")
+        sd = {k: v.long() if how == "int64" else v.fill_(float("nan")) for k, v in sd.items()}
+        save_file(sd, d / "model.safetensors")
     return d
 
 
 BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=100000"], ["--temperature=-1"],
              ["--stage=nope"], ["--eval_Ns=1,x"], ["--resume=maybe"], ["--preset=tpu"], ["--ops=*"],
-             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"], ["--update_dtype=fp16"]]
+             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"], ["--update_dtype=fp16"],
+             ["--n_head=0"], ["--n_layer=-1"], ["--block_size=1000000000000"], ["--G=1"], ["--pt_docs=0"],
+             ["--rl_lr=nan"], ["--pt_lr=inf"], ["--kl=-1"], ["--pt_concise=7"], ["--max_digits=5000"],
+             ["--seed=100000000000000000000"], ["--eval_Ns=1,\u00b2"], ["--device=foo"], ["--device=cuda:99"]]
 
 
 @pytest.mark.parametrize("argv", BAD_TRAIN)
@@ -286,9 +312,23 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert run(TINY + [f"--out_dir={f}"]) == 2 and "is a file" in capsys.readouterr().err
+    assert run(TINY + [f"--out_dir={f}/sub"]) == 2  # an OSError: one line that names the path
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Not a directory" in err and str(f) in err, err
 
 
-@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer"])
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2"}, {"RANK": "x"}, {"WORLD_SIZE": "4"}])
+def test_a_bad_process_environment_is_one_line(env, tiny, monkeypatch, capsys):
+    """WORLD_SIZE without the rest of torchrun's variables; not an integer; more processes than prompts."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert run(TINY + [f"--out_dir={tiny}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("torchrun" in err or "need --prompts" in err), err
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer", "null", "n_head=0",
+                                 "n_embd=-4", "n_layer=1.5", "int64", "nan"])
 def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
     d = corrupt(tiny, tmp_path, how)
     before = digest(d)
@@ -300,7 +340,9 @@ def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
 
 
 BAD_SAMPLE = [["--problems", "4*5"], ["--problems", "4-9"], ["--temperature", "-1"], ["--top_k", "-2"],
-              ["--max_new", "100000"], ["--ckpt", "/nonexistent/folder"], ["--seed", "x"], ["--nope"]]
+              ["--max_new", "100000"], ["--ckpt", "/nonexistent/folder"], ["--seed", "x"], ["--nope"],
+              ["--temperature", "nan"], ["--temperature", "inf"], ["--seed", "99999999999999999999999"],
+              ["--problems", "9" * 30 + "+1"], ["--device", "foo"], ["--device", "cuda:99"]]
 
 
 @pytest.mark.parametrize("argv", BAD_SAMPLE)
