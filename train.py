@@ -163,10 +163,10 @@ def validate(cfg):
     need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
          "N, max_N and every eval N must be between 1 and 14")
     need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
-    need(all(math.isfinite(getattr(cfg, f.name)) for f in fields(cfg) if f.type is float),
-         "every float flag must be finite")
+    for f in fields(cfg):
+        need(f.type is not float or math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
     at_least = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
-                           "pt_max_pad", 0: "seed base_seed eval_seed pt_steps rl_steps warmup max_loops C "
+                           "pt_max_pad max_loops", 0: "seed base_seed eval_seed pt_steps rl_steps warmup C "
                            "temperature pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop p_again pt_grow_N pt_concise"}
     for lo, names in at_least.items():
         for name in names.split():
