@@ -193,19 +193,23 @@ def setup(cfg):
     """(rank, world, device). A no-op for one process; under torchrun, one process per device
     (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
     device = pick_device(cfg.device)
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if world > min(cfg.prompts, cfg.pt_docs):
-            raise BadInput(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
-        if world > 1:
-            if device.type == "cuda":
-                device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-                torch.cuda.set_device(device)
-            else:  # K processes on one CPU: share the cores instead of oversubscribing them
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    except (KeyError, ValueError) as e:  # a missing or non-integer variable; rendezvous errors are ValueErrors
+    env = os.environ
+    try:  # what torchrun sets; a hand-made environment may lack some or hold non-integers
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        local_rank, local_world = (int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])) if world > 1 else (0, 1)
+        if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(env):
+            raise KeyError("MASTER_ADDR, MASTER_PORT")
+    except (KeyError, ValueError) as e:
         raise BadInput(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
+    if world > min(cfg.prompts, cfg.pt_docs):
+        raise BadInput(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:  # K processes on one CPU: share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 

@@ -317,14 +317,19 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Not a directory" in err and str(f) in err, err
 
 
-@pytest.mark.parametrize("env", [{"WORLD_SIZE": "2"}, {"RANK": "x"}, {"WORLD_SIZE": "4"}])
-def test_a_bad_process_environment_is_one_line(env, tiny, monkeypatch, capsys):
+TORCHRUN = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
+
+
+@pytest.mark.parametrize("env, why", [({"WORLD_SIZE": "2"}, "not torchrun's ('LOCAL_RANK')"),
+                                      ({"RANK": "x"}, "not torchrun's (invalid literal"),
+                                      ({"WORLD_SIZE": "4", **TORCHRUN}, "4 processes need --prompts")])
+def test_a_bad_process_environment_is_one_line(env, why, tiny, monkeypatch, capsys):
     """WORLD_SIZE without the rest of torchrun's variables; not an integer; more processes than prompts."""
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert run(TINY + [f"--out_dir={tiny}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("torchrun" in err or "need --prompts" in err), err
+    assert len(err.splitlines()) == 1 and why in err, err
 
 
 @pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer", "null", "n_head=0",
