@@ -315,9 +315,10 @@ class Log:
         if self.on:
             lines = open(path).readlines() if os.path.exists(path) and start > 0 else []
             keep = []
-            for i, x in enumerate(lines):  # all read before the file is rewritten: a bad line costs nothing
+            for i, x in enumerate(lines):  # all parsed before the file is rewritten: a bad line costs nothing
                 try:
-                    keep += [x.rstrip("\n") + "\n"] if json.loads(x)["step"] < start else []
+                    if json.loads(x)["step"] < start:
+                        keep.append(x.rstrip("\n") + "\n")
                 except (ValueError, KeyError, TypeError):
                     if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
                         raise BadInput(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
