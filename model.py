@@ -47,10 +47,9 @@ class GPTConfig:
     n_seg: int = 16        # segment (problem index) embeddings: up to n_seg - 2 problems
 
     def __post_init__(self):  # a bad shape costs one line here, not a tensor error deep in GPT()
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for k, v in asdict(self).items():
             if type(v) is not int or not 1 <= v <= 2 ** 16:
-                raise BadInput(f"{f.name} must be an integer from 1 to 65536 (got {v!r})")
+                raise BadInput(f"{k} must be an integer from 1 to 65536 (got {v!r})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise BadInput("n_embd must be a multiple of n_head with an even head size (RoPE)")
 

@@ -6,7 +6,7 @@ nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing fi
   grpo      control: the same GRPO at N=1 with the generous cap C (no pressure)   -> out/grpo-s<seed>
   lenpen    control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                 -> out/lenpen-s<seed>
   eval      every model on N in eval_Ns under the shared budget C, sampled and greedy
-  report    out/report.md + out/report.json (+ out/report.png if matplotlib is installed)
+  report    out/report.md + out/report.json
 
 --stage=<name> runs one stage (and what it needs); --seeds=3 runs three RL seeds. Every step is
 logged to out/<run>.jsonl. A finished stage is reused only if its saved config matches; an
@@ -22,7 +22,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -225,46 +224,20 @@ def all_mean(values, world):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def rng_states():
-    """Every global RNG. Training draws from none of them (data and sampling generators are pure
-    functions of (seed, step), so the step is their state), but they are saved and restored so
-    that anything a fork adds that does draw from them resumes exactly too."""
-    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_states(s):
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def save(folder, model, tok, cfg, step, done, opt, wall_s):
     """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
     at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
     tmp, old = folder + ".tmp", folder + ".old"
-    remove(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
     tok.save(f"{tmp}/tokenizer.json")
-    torch.save({"step": step, "opt": opt.state_dict(), "rng": rng_states()}, f"{tmp}/state.pt")
-    remove(old)
+    torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
-    remove(old)
-
-
-def remove(path):
-    """A leftover folder (or, from a user's mistake, a file) at a temporary path."""
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover(folder):
@@ -294,13 +267,14 @@ def existing(folder, cfg, keys):
 
 
 def restore(folder, model, opt):
-    """Weights, optimizer state and RNGs of a checkpoint; returns its step."""
+    """Weights and optimizer state of a checkpoint; returns its step. No global RNG state: nothing
+    draws from one (data and sampling generators are pure functions of (seed, step)); a fork that
+    adds, say, dropout should draw it the same way, or resuming stops being bitwise exact."""
     loaded, _ = load_model(folder)
     model.load_state_dict(loaded.state_dict())
     try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
         state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
         opt.load_state_dict(state["opt"])
-        set_rng_states(state["rng"])
         return state["step"]
     except Exception as e:
         why = (str(e).splitlines() or [""])[0][:80]
@@ -637,7 +611,6 @@ def write_report(cfg, device, wall):
         json.dump(report, f, indent=1)
     with open(f"{cfg.out_dir}/report.md", "w") as f:
         f.write(markdown(report))
-    plot(report, f"{cfg.out_dir}/report.png")
 
 
 def markdown(rep):
@@ -669,27 +642,6 @@ def markdown(rep):
                        f"{c['tokens']:.1f} | {c['loops']:.2f} | {c['truncated']:.2f} |")
     out.append("\n## Config\n\n```\n" + json.dumps(cfg) + "\n```\n")
     return "\n".join(out)
-
-
-def plot(rep, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return  # the plot is a bonus, never a requirement
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for run in rep["runs"]:
-        rows = [r for r in run["eval"] if r["decoding"] == "sample"]
-        label = run["name"] + (f"-s{run['seed']}" if run["seed"] else "")
-        ax[0].plot([r["N"] for r in rows], [r["tokens_per_problem"] for r in rows], "o-", label=label)
-        ax[1].plot([r["N"] for r in rows], [r["acc"] for r in rows], "o-", label=label)
-        if run["curve"]:
-            ax[2].plot([c["step"] for c in run["curve"]], [c["acc"] for c in run["curve"]], label=label)
-    for a, t in zip(ax, ("tokens per problem vs N (budget C)", "accuracy vs N (budget C)", "RL rollout accuracy")):
-        a.set_title(t)
-        a.legend(fontsize=7)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
 def main(argv=None):
