@@ -117,13 +117,13 @@ def parse_problems(text):
     """'47+85, 602-58' -> [(47, '+', 85), (602, '-', 58)] for the sample.py CLI."""
     out = []
     for part in text.replace(";", ",").split(","):
-        s = part.replace(" ", "")
+        s = "".join(part.split())  # any whitespace
         op = "+" if "+" in s else "-"
         a, _, b = s.partition(op)
         if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii() and max(len(a), len(b)) <= 18):
-            raise BadInput(f"cannot read problem {part.strip()!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
+            raise BadInput(f"cannot read problem {s[:40]!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
         if op == "-" and int(a) < int(b):
-            raise BadInput(f"problem {part.strip()!r} has a negative result, which the format cannot write")
+            raise BadInput(f"problem {s!r} has a negative result, which the format cannot write")
         out.append((int(a), op, int(b)))
     return out
 

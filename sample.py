@@ -225,7 +225,11 @@ def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=
 def load_checkpoint(folder, device="cpu"):
     """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
     model, meta = load_model(folder, device)
-    return model.eval(), load_tokenizer(f"{folder}/tokenizer.json"), meta
+    tok = load_tokenizer(f"{folder}/tokenizer.json")
+    if model.cfg.vocab_size != tok.get_vocab_size():
+        raise BadInput(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
+                       f"{tok.get_vocab_size()} tokens")
+    return model.eval(), tok, meta
 
 
 def main(argv=None):
@@ -243,10 +247,10 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = ap.parse_args(argv)
     try:
-        if not (0 <= args.temperature < float("inf")) or args.top_k < 0 or args.max_new < 0:
-            raise BadInput("--temperature (finite), --top_k and --max_new must be >= 0")
-        if not 0 <= args.seed < 2 ** 63:
-            raise BadInput("--seed must be in [0, 2**63)")
+        if not (args.temperature == 0 or 0.01 <= args.temperature <= 100):
+            raise BadInput("--temperature must be 0 (greedy) or from 0.01 to 100")
+        if min(args.top_k, args.max_new, args.seed) < 0 or args.seed >= 2 ** 63:
+            raise BadInput("--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
         model, tok, _ = load_checkpoint(args.ckpt, device)
@@ -255,8 +259,8 @@ def main(argv=None):
         ids = encode(tok, [prompt(problems)])[0]
         room = model.cfg.block_size - len(ids)
         if room < 1 or args.max_new > room:
-            raise BadInput(f"the prompt ({len(ids)} tokens) + --max_new ({args.max_new}) exceed the "
-                           f"model's context of {model.cfg.block_size} tokens")
+            raise BadInput(f"the prompt ({len(ids)} tokens) leaves {max(room, 0)} of the model's "
+                           f"{model.cfg.block_size} context tokens for the answer (--max_new={args.max_new})")
         gen = torch.Generator(device).manual_seed(args.seed)
         out, n = generate(model, [ids], args.max_new or room, args.temperature, args.top_k, gen)
     except (BadInput, OSError) as e:  # OSError: a file that cannot be read, named in the message

@@ -34,23 +34,23 @@ from model import GPT, GPTConfig, load_model, save_model
 from sample import ArgParser, fail, load_checkpoint, pick_device
 
 
-def F_(default, help):
-    return field(default=default, metadata={"help": help})
+def F_(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
     # run
-    stage: str = F_("all", "all | pretrain | bcr | grpo | lenpen | eval | report")
+    stage: str = F_("all", "what to run", ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report"))
     out_dir: str = F_("out", "where checkpoints, logs and the report go")
     device: str = F_("auto", "auto | cpu | cuda | mps")
-    preset: str = F_("cpu", "cpu (laptop defaults) | gpu (bigger model and batches, one GPU)")
+    preset: str = F_("cpu", "cpu: laptop defaults; gpu: bigger model and batches, one GPU", ("cpu", "gpu"))
     seed: int = F_(1, "first RL seed")
     seeds: int = F_(1, "number of RL seeds: seed, seed+1, ...")
     resume: bool = F_(False, "continue an interrupted stage from its last checkpoint")
     save_every: int = F_(100, "steps between checkpoints during a stage")
     compile: bool = F_(False, "torch.compile the training forward")
-    decode: str = F_("auto", "sampler path: auto | eager | static | graph (graph: CUDA only)")
+    decode: str = F_("auto", "sampler path (graph: CUDA only)", ("auto", "eager", "static", "graph"))
     # model
     n_layer: int = F_(4, "transformer blocks")
     n_head: int = F_(4, "attention heads (head size 32: cheaper attention on CPU than 8 heads of 16)")
@@ -89,8 +89,8 @@ class Config:
     kl: float = F_(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
     format_bonus: float = F_(0.1, "reward for exactly N labelled answers followed by <eos>")
     lenpen: float = F_(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
-    update_dtype: str = F_("auto", "RL update's autocast: auto | bf16 | fp32 (auto: bf16 on CUDA and on "
-                           "a CPU with native bf16; sampling stays fp32 on CPU)")
+    update_dtype: str = F_("auto", "RL update's autocast (auto: bf16 on CUDA and on a CPU with native bf16; "
+                           "sampling stays fp32 on CPU)", ("auto", "bf16", "fp32"))
     # evaluation
     eval_problems: int = F_(512, "held-out problems per N")
     eval_Ns: str = F_("1,2,3,4,6,8", "values of N in the evaluation sweep")
@@ -111,7 +111,6 @@ RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperatu
                        "token_mean", "slot_credit", "kl", "format_bonus", "lenpen", "update_dtype")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
 MADE_WITH = {"pt_max_pad": 1.2}  # keys added later: the value that checkpoints saved before them were made with
-STAGES = ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report")
 
 
 def to_bool(s):
@@ -132,10 +131,8 @@ def parse_config(argv=None):
         if f.type is bool:
             ap.add_argument(f"--{f.name}", type=to_bool, nargs="?", const=True, help=f.metadata["help"])
         else:
-            ap.add_argument(f"--{f.name}", type=f.type, help=f.metadata["help"])
+            ap.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], help=f.metadata["help"])
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    if args.get("preset", "cpu") not in PRESETS:
-        raise BadInput(f"--preset must be one of {', '.join(PRESETS)}")
     cfg = replace(Config(), **{**PRESETS[args.get("preset", "cpu")], **args})
     validate(cfg)
     return cfg
@@ -154,24 +151,26 @@ def validate(cfg):
     def need(ok, msg):
         if not ok:
             raise BadInput(msg)
-    need(cfg.stage in STAGES, f"--stage must be one of {', '.join(STAGES)}")
-    need(cfg.decode in ("auto", "eager", "static", "graph"), "--decode must be auto, eager, static or graph")
-    need(cfg.update_dtype in ("auto", "bf16", "fp32"), "--update_dtype must be auto, bf16 or fp32")
     need(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")),
          "--eval_Ns must be a comma-separated list of integers")
-    need(1 <= min([cfg.N, cfg.max_N, *eval_Ns(cfg)]) and max([cfg.N, cfg.max_N, *eval_Ns(cfg)]) <= 14,
+    Ns = eval_Ns(cfg)
+    need(1 <= min([cfg.N, cfg.max_N, *Ns]) and max([cfg.N, cfg.max_N, *Ns]) <= 14,
          "N, max_N and every eval N must be between 1 and 14")
+    need(Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
+         "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N")
+    need(Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report (N = 1 findings)")
+    need(cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature must be 0 (greedy) or 0.01 to 100")
     need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
     for f in fields(cfg):
         need(f.type is not float or math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
     at_least = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
                            "pt_max_pad max_loops", 0: "seed base_seed eval_seed pt_steps rl_steps warmup C "
-                           "temperature pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop p_again pt_grow_N pt_concise"}
+                           "pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop p_again pt_grow_N pt_concise"}
     for lo, names in at_least.items():
         for name in names.split():
             need(getattr(cfg, name) >= lo, f"--{name} must be >= {lo}")
-    need(max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31")
-    need(cfg.max_digits <= 18, "--max_digits must be at most 18")
+    need(max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31 and cfg.max_digits <= 18,
+         "seeds must be below 2**31, --max_digits at most 18")
     need(all(getattr(cfg, k) <= 1 for k in ("p_loop", "pt_grow_N", "pt_concise")) and cfg.p_again < 1,
          "--p_loop, --pt_grow_N and --pt_concise must be at most 1, --p_again below 1")
     GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size)
@@ -406,6 +405,8 @@ def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
     t0 = time.perf_counter()
     lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
     micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
+    if not micro:
+        raise BadInput(f"every document of pretraining step {step} is longer than --block_size={cfg.block_size}")
     t_data = time.perf_counter() - t0
     loss_sum, n_tok = 0.0, 0
     for idx, seg, tgt in micro:
@@ -484,10 +485,11 @@ def evaluation(cfg, run, rank, world, device):
     key = {k: getattr(cfg, k) for k in EVAL_KEYS}
     if os.path.exists(path):
         try:
-            cached = read_json(path)
+            with open(path) as f:
+                cached = json.load(f)
             if cached.get("key") == key:
                 return cached
-        except (BadInput, AttributeError):  # a corrupt cache is recomputed
+        except (ValueError, AttributeError):  # a corrupt cache is recomputed
             pass
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
@@ -572,22 +574,11 @@ def curve(path):
     return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in keep]
 
 
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise BadInput(f"{path} is corrupt ({e})") from None
-
-
-def write_report(cfg, device, wall):
-    missing = [r for r in runs(cfg) if not os.path.exists(f"{cfg.out_dir}/{r}/eval.json")]
-    if missing:
-        raise BadInput(f"no evaluated {', '.join(missing)} in {cfg.out_dir}: run the missing stages first")
-    ev = {run: read_json(f"{cfg.out_dir}/{run}/eval.json") for run in runs(cfg)}
-    for stage in ("pretrain", "bcr", "grpo", "lenpen"):
-        names = ["base"] if stage == "pretrain" else [r for r in runs(cfg) if r.startswith(stage)]
-        wall[stage] = sum(read_json(f"{cfg.out_dir}/{n}/config.json").get("wall_s", 0) for n in names)
+def write_report(cfg, device, ev):
+    """ev: each run's evaluation, with its checkpoint's training time (train_wall_s)."""
+    wall = {"pretrain": ev["base"]["train_wall_s"]}
+    for stage in ("bcr", "grpo", "lenpen"):
+        wall[stage] = sum(ev[r]["train_wall_s"] for r in runs(cfg) if r.startswith(stage))
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     name += f", RL update in {'bf16' if bcr.update_bf16(cfg, device) else 'fp32'}"
@@ -650,23 +641,31 @@ def main(argv=None):
         rank, world, device = setup(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
+        decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
         stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"),
                   "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
-        if cfg.stage != "pretrain" and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
+        if cfg.stage in ("eval", "report"):  # evaluate what is there; the report needs every run
+            missing = [r for r in (runs(cfg) if cfg.stage == "report" else ["base"])
+                       if not os.path.exists(f"{cfg.out_dir}/{r}")]
+            if missing:
+                raise BadInput(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
+        elif cfg.stage != "pretrain" and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
             stages = ("pretrain",) + stages  # every later stage needs the base
-        wall = {}
+        ev = {}
         for stage in stages:
             if stage == "pretrain":
                 pretrain(cfg, tok, rank, world, device)
             elif stage in ("bcr", "grpo", "lenpen"):
                 for s in range(cfg.seed, cfg.seed + cfg.seeds):
                     rl(cfg, stage, s, tok, rank, world, device)
-            else:
+            else:  # each run is checked as reusing it would be: same config (but the eval flags), finished
                 for run in runs(cfg):
-                    if os.path.exists(f"{cfg.out_dir}/{run}"):
-                        evaluation(cfg, run, rank, world, device)
+                    keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
+                    meta = existing(f"{cfg.out_dir}/{run}", cfg, keys)
+                    if meta:
+                        ev[run] = dict(evaluation(cfg, run, rank, world, device), train_wall_s=meta["wall_s"])
         if cfg.stage in ("all", "report") and rank == 0:
-            write_report(cfg, device, wall)
+            write_report(cfg, device, ev)
             print(f"wrote {cfg.out_dir}/report.md and report.json")
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()

@@ -81,6 +81,7 @@ def test_tokenizer_round_trips_one_token_per_char():
 
 def test_parse_problems_cli_syntax():
     assert parse_problems(" 47+85, 602 - 58;3+4") == [(47, "+", 85), (602, "-", 58), (3, "+", 4)]
+    assert parse_problems("1\t+2,\n3-1\n") == [(1, "+", 2), (3, "-", 1)]  # any whitespace
     for bad in ["47*85", "4-9", "", "abc", "1+", "٣+4"]:
         try:
             parse_problems(bad)

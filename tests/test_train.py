@@ -298,7 +298,9 @@ BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=
              ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"], ["--update_dtype=fp16"],
              ["--n_head=0"], ["--n_layer=-1"], ["--block_size=1000000000000"], ["--G=1"], ["--pt_docs=0"],
              ["--rl_lr=nan"], ["--pt_lr=inf"], ["--kl=-1"], ["--pt_concise=7"], ["--max_digits=5000"],
-             ["--seed=100000000000000000000"], ["--eval_Ns=1,\u00b2"], ["--device=foo"], ["--device=cuda:99"]]
+             ["--seed=100000000000000000000"], ["--eval_Ns=1,\u00b2"], ["--device=foo"], ["--device=cuda:99"],
+             ["--eval_Ns=2,1"], ["--eval_Ns=2", "--stage=report"], ["--eval_problems=1"], ["--temperature=1e300"],
+             ["--temperature=0.001"]]
 
 
 @pytest.mark.parametrize("argv", BAD_TRAIN)
@@ -306,6 +308,24 @@ def test_bad_train_flags_one_line_exit_2(argv, capsys, tiny):
     code = run(TINY + [f"--out_dir={tiny}"] + argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_eval_and_report_check_every_run_as_reuse_would(tiny, tmp_path, capsys):
+    """--stage=report needs every run before any work; an RL run made with other training flags is
+    refused by --stage=eval (the evaluation's own flags, e.g. the temperature, may differ)."""
+    import shutil
+    shutil.copytree(tiny / "base", tmp_path / "base")  # a copy: evaluation writes into it
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 2
+    assert "no bcr-s1, grpo-s1, lenpen-s1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["base"]  # nothing trained or written
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr"]) == 0
+    before = digest(tmp_path / "bcr-s1")
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--rl_steps=5"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "rl_steps: 4 there, 5 now" in err[0], err
+    assert digest(tmp_path / "bcr-s1") == before
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--temperature=0.5"]) == 0
+    assert json.loads((tmp_path / "bcr-s1" / "eval.json").read_text())["key"]["temperature"] == 0.5
 
 
 def test_out_dir_that_is_a_file(tmp_path, capsys):
@@ -347,7 +367,7 @@ def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
 BAD_SAMPLE = [["--problems", "4*5"], ["--problems", "4-9"], ["--temperature", "-1"], ["--top_k", "-2"],
               ["--max_new", "100000"], ["--ckpt", "/nonexistent/folder"], ["--seed", "x"], ["--nope"],
               ["--temperature", "nan"], ["--temperature", "inf"], ["--seed", "99999999999999999999999"],
-              ["--problems", "9" * 30 + "+1"], ["--device", "foo"], ["--device", "cuda:99"]]
+              ["--problems", "9" * 30 + "+1"], ["--device", "foo"], ["--device", "cuda:99"], ["--temperature", "1e300"]]
 
 
 @pytest.mark.parametrize("argv", BAD_SAMPLE)
