@@ -649,8 +649,8 @@ def main(argv=None):
                        if not os.path.exists(f"{cfg.out_dir}/{r}")]
             if missing:
                 raise BadInput(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
-        elif cfg.stage != "pretrain" and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
-            stages = ("pretrain",) + stages  # every later stage needs the base
+        elif cfg.stage in ("bcr", "grpo", "lenpen") and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
+            stages = ("pretrain",) + stages  # RL needs the base
         ev = {}
         for stage in stages:
             if stage == "pretrain":
