@@ -427,16 +427,16 @@ def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
 
 
 def pretrain(cfg, tok, rank, world, device):
+    fwd = []  # the model's forward, or its torch.compile'd twin: made once, with the model
+
     def make():
         torch.manual_seed(cfg.base_seed)
         model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+        fwd.append(torch.compile(model) if cfg.compile else model)
         return model, new_optimizer(model, cfg.pt_lr, cfg.pt_muon_lr)
 
-    compiled = {}
-
     def step_fn(model, opt, step):
-        fwd = compiled.setdefault("fwd", torch.compile(model) if cfg.compile else model)
-        return pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device)
+        return pretrain_step(model, fwd[0], opt, cfg, tok, step, rank, world, device)
 
     run_stage(cfg, f"{cfg.out_dir}/base", BASE_KEYS, make, cfg.pt_steps, step_fn, rank, world)
 
