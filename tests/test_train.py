@@ -308,6 +308,8 @@ def test_bad_train_flags_one_line_exit_2(argv, capsys, tiny):
     code = run(TINY + [f"--out_dir={tiny}"] + argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    name, _, value = argv[0].lstrip("-").partition("=")
+    assert name in err or value in err, err  # refused for this flag, not for something else
 
 
 def test_eval_and_report_check_every_run_as_reuse_would(tiny, tmp_path, capsys):
@@ -376,6 +378,7 @@ def test_bad_sample_flags_one_line_exit_2(argv, tiny, capsys):
         sample.main(["--ckpt", str(tiny / "base")] + argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert argv[0].lstrip("-") in err or argv[-1] in err, err  # refused for this flag
 
 
 def test_cli_subprocesses(tiny):
