@@ -39,9 +39,30 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import EOS, PAD, encode, prompt, segments
+from data import EOS, PAD, doc_rng, encode, packed_prompts, prompt, segments
 from reward import score
-from sample import autocast, generate
+from model import autocast, update_bf16
+from sample import generate
+
+
+def budget(cfg):
+    """The shared completion budget C of the N-sweep, the same for every N."""
+    return cfg.C or 4 * cfg.b
+
+
+def task(name, cfg):
+    """What an RL run trains on: (the N of each packed prompt, drawn uniformly; the hard cap on the
+    whole completion; the length-penalty weight). This is where BCR differs from its controls."""
+    return {"bcr": ([cfg.N], cfg.N * cfg.b, 0.0),          # BCR: N problems under N*b tokens
+            "mix": (range(1, cfg.max_N + 1), budget(cfg), 0.0),  # budget-aware BCR: any N under C
+            "grpo": ([1], budget(cfg), 0.0),                # vanilla GRPO, one problem, room to spare
+            "lenpen": ([1], budget(cfg), cfg.lenpen)}[name]  # the explicit length penalty
+
+
+def rl_batch(name, cfg, seed, step):
+    """The step's packed prompts (lists of problems): a pure function of (run, seed, step)."""
+    Ns, rng = task(name, cfg)[0], doc_rng(f"{name}{seed}", step)
+    return [packed_prompts(rng, cfg, 1, rng.choice(Ns))[0] for _ in range(cfg.prompts)]
 
 
 def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
@@ -119,7 +140,7 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
     x, w, a = x.to(device), w.to(device), a.to(device)
     seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids], device=device))  # (B, T-1)
-    with autocast(device, update_bf16(cfg, device)):
+    with autocast(device, update_bf16(cfg.update_dtype, device)):
         logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
@@ -127,7 +148,7 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
     loss = -(a * logp * w).sum()
     stats = {}
     if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
-        with torch.no_grad(), autocast(device, update_bf16(cfg, device)):
+        with torch.no_grad(), autocast(device, update_bf16(cfg.update_dtype, device)):
             ref_logp = F.log_softmax(ref(x[:, :-1], seg).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         d = ref_logp - logp
         kl = d.exp() - d - 1
@@ -137,18 +158,6 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
         ent = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
         stats["entropy"] = ((ent * (w > 0)).sum() / (w > 0).sum()).item()
     return loss / norm, stats
-
-
-def update_bf16(cfg, device):
-    """Whether the update's forward runs under bf16 autocast. update_dtype=auto: on CUDA, and on a
-    CPU that multiplies bf16 natively (AVX512-BF16 or AMX), where this one big batch runs about 1.6x
-    faster than fp32 (tests/bench.py --what=rl, side by side; attention stays fp32, see model.py);
-    not on other CPUs, which would emulate bf16. Sampling and pretraining stay fp32 on CPU."""
-    if cfg.update_dtype != "auto":
-        return cfg.update_dtype == "bf16"
-    native = any(getattr(torch.cpu, f, lambda: False)()  # private helpers: absent ones count as no
-                 for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return device.type == "cuda" or (device.type == "cpu" and native)
 
 
 def finish_grads(model, clip, world, loss):
@@ -212,13 +221,45 @@ def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode
         dist.all_gather_object(gathered, results)
         results = [x for part in gathered for x in part]
     n_prob, tokens = len(results) * N, torch.tensor([float(k) for _, k in results])
-    return {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
-            "problems": n_prob,
-            "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
-            "tokens_per_problem": tokens.sum().item() / n_prob,
-            "tokens_per_problem_se": (tokens.std() / N / len(results) ** 0.5).item(),  # standard error
-            "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
-            "steps_per_problem": sum(r.steps for r, _ in results) / n_prob,
-            "truncation_rate": sum(r.truncated for r, _ in results) / len(results),
-            "format_rate": sum(r.format_ok for r, _ in results) / len(results),
-            "acc_by_slot": [sum(r.correct[k] for r, _ in results) / len(results) for k in range(N)]}
+    answered = [(d, c) for r, _ in results for d, c, a in zip(r.direct, r.correct, r.answers) if a is not None]
+    row = {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
+           "problems": n_prob,
+           "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
+           "tokens_per_problem": tokens.sum().item() / n_prob,
+           "tokens_per_problem_se": (tokens.std() / N / len(results) ** 0.5).item(),  # standard error
+           "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
+           "steps_per_problem": sum(r.steps for r, _ in results) / n_prob,
+           "truncation_rate": sum(r.truncated for r, _ in results) / len(results),
+           "format_rate": sum(r.format_ok for r, _ in results) / len(results),
+           "acc_by_slot": [sum(r.correct[k] for r, _ in results) / len(results) for k in range(N)]}
+    for name, d in (("direct", True), ("stepped", False)):  # the two strategies, told apart per problem
+        right = [c for x, c in answered if x == d]
+        row[f"{name}_share"] = len(right) / n_prob
+        row[f"acc_{name}"] = sum(right) / len(right) if right else None
+    if N == 1:  # what predict() needs: each problem's tokens and score
+        row["samples"] = [[k, r.correct[0]] for r, k in results]
+    return row
+
+
+def predict(samples, C, Ns):
+    """The truncation model of the N-sweep: what a model would score if it solved every problem of
+    a packed prompt exactly as it solves one alone (the N = 1 `samples`: tokens with <eos>, score),
+    the solutions one after another until the shared cap C cuts them. Exact under that assumption,
+    by convolving the per-problem length distribution: problem k scores iff it is right and the
+    first k solutions fit in C. A model above the prediction at large N has learned to spend less
+    per problem when the budget is short; one on it has not adapted at all."""
+    L = torch.tensor([k - 1 for k, _ in samples]).clamp(max=C + 1)                 # (n,) without <eos>
+    pmf = torch.bincount(L, minlength=C + 2).double() / len(L)                       # (C+2,) last: > C
+    hit = torch.bincount(L, torch.tensor([float(c) for _, c in samples]).double(), C + 2) / len(L)
+    fits = hit[:C + 1].cumsum(0)                      # (C+1,) P(right and length <= m), m = 0..C
+    S, acc, out = torch.zeros(C + 1, dtype=torch.float64), 0.0, []  # S: P(first k solutions used s)
+    S[0] = 1.0
+    for N in range(1, max(Ns) + 1):
+        acc += (S * fits.flip(0)).sum().item()        # P(problem N right and it fits after S)
+        total = (torch.arange(C + 1)[:, None] + torch.arange(C + 1)).flatten()       # (C+1)^2 sums s + l
+        S = torch.zeros(2 * C + 1, dtype=torch.float64).index_add_(0, total, torch.outer(S, pmf[:C + 1]).flatten())
+        S = S[:C + 1]                                 # mass past C is a cut, 1 - S.sum()
+        if N in Ns:  # tokens: the solutions, <eos> after the last, or all of C when it cut them
+            used = (S * (torch.arange(C + 1) + 1).clamp(max=C)).sum().item() + (1 - S.sum().item()) * C
+            out.append({"N": N, "acc": acc / N, "tokens_per_problem": used / N})
+    return out

@@ -32,10 +32,6 @@ PAD, EOS = 0, 1
 NEWLINE = len(SPECIALS) + CHARS.index("\n")
 
 
-class BadInput(ValueError):
-    """A user error that the entry points report in one line (exit code 2), never a traceback."""
-
-
 # ----------------------------------------------------------------------------- problems
 
 def answer(p):
@@ -93,20 +89,33 @@ def steps(p):
     return out
 
 
-def solution(p, k, rng=None, p_loop=0.0, p_again=0.0, max_loops=4):
-    """Problem k's part of the completion. With rng, each step is followed, with probability
-    p_loop, by re-checks repeated while a coin with p_again comes up (at most max_loops)."""
-    out = []
-    for s in steps(p):
+def solution(p, k, rng=None, style=None, loops=True):
+    """Problem k's part of the completion: restatement, steps, answer. Without rng: the concise
+    trace. With rng and a style (the base's knobs, train.Config), three habits of the base:
+    - direct, with probability style.p_direct: no steps at all, "Q1:47+85 A1:132". The short, risky
+      strategy: a tiny model computes a one-column answer reliably in one go, a carried
+      multi-column one much less so;
+    - re-check loops (if loops): after each step, with probability p_loop, "chk <step>" repeated
+      while a p_again coin comes up, at most max_loops times;
+    - a runaway, with probability p_runaway (if loops): one step's re-checks go on while a 0.9 coin
+      comes up, up to 10 x max_loops: the toy's degenerate trace, long enough to hit a budget alone."""
+    out, direct = [], rng is not None and rng.random() < style.p_direct
+    runaway = rng is not None and loops and not direct and rng.random() < style.p_runaway
+    for i, s in enumerate([] if direct else steps(p)):
         out.append(s)
-        if rng is not None and rng.random() < p_loop:
+        if runaway and i == 0:
             n = 1
-            while n < max_loops and rng.random() < p_again:
+            while n < 10 * style.max_loops and rng.random() < 0.9:
+                n += 1
+            out += [f"chk {s}"] * n
+        elif loops and rng is not None and rng.random() < style.p_loop:
+            n = 1
+            while n < style.max_loops and rng.random() < style.p_again:
                 n += 1
             out += [f"chk {s}"] * n
     digits = "".join(s.split("=")[1][-1] for s in steps(p))[::-1]  # the column digits, left to right
     carry = "1" if p[1] == "+" and answer(p) >= 10 ** columns(p) else ""
-    return f"Q{k}:{line(p)} " + " ".join(out) + f" A{k}:{carry}{digits}\n"
+    return f"Q{k}:{line(p)} " + "".join(x + " " for x in out) + f"A{k}:{carry}{digits}\n"
 
 
 def prompt(problems):
@@ -121,9 +130,9 @@ def parse_problems(text):
         op = "+" if "+" in s else "-"
         a, _, b = s.partition(op)
         if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii() and max(len(a), len(b)) <= 18):
-            raise BadInput(f"cannot read problem {s[:40]!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
+            raise ValueError(f"cannot read problem {s[:40]!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
         if op == "-" and int(a) < int(b):
-            raise BadInput(f"problem {s!r} has a negative result, which the format cannot write")
+            raise ValueError(f"problem {s!r} has a negative result, which the format cannot write")
         out.append((int(a), op, int(b)))
     return out
 
@@ -144,9 +153,9 @@ def load_tokenizer(path):
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for missing and corrupt files
-        raise BadInput(f"cannot load tokenizer {path!r} ({str(e).splitlines()[0][:80]})") from None
+        raise ValueError(f"cannot load tokenizer {path!r} ({str(e).splitlines()[0][:80]})") from None
     if tok.get_vocab() != build_tokenizer().get_vocab():
-        raise BadInput(f"{path} is not nanoBCR's character vocabulary")
+        raise ValueError(f"{path} is not nanoBCR's character vocabulary")
     return tok
 
 
@@ -155,7 +164,7 @@ def encode(tok, texts):
     silently mapped to <pad>."""
     bad = sorted(set("".join(texts)) - set(CHARS))
     if bad:
-        raise BadInput(f"characters outside the vocabulary: {''.join(bad)!r}")
+        raise ValueError(f"characters outside the vocabulary: {''.join(bad)!r}")
     return [e.ids for e in tok.encode_batch(texts)]
 
 
@@ -185,8 +194,7 @@ def pretrain_doc(rng, cfg, max_N, verbose):
     re-check loops whatever N is: the base is not budget-aware."""
     n = rng.choices(range(1, max_N + 1), [1 / n for n in range(1, max_N + 1)])[0]
     probs = [sample_problem(rng, cfg.max_digits, cfg.ops) for _ in range(n)]
-    p_loop = cfg.p_loop if verbose else 0.0
-    sol = "".join(solution(p, k, rng, p_loop, cfg.p_again, cfg.max_loops) for k, p in enumerate(probs, 1))
+    sol = "".join(solution(p, k, rng, cfg, verbose) for k, p in enumerate(probs, 1))
     return prompt(probs), sol
 
 

@@ -8,15 +8,15 @@ Two ways to run it:
   and values into a preallocated KVCache. sample.py drives this (left-padded prompts, one token per
   step) and keeps a naive full-recompute loop beside it to test against.
 
-Learned absolute position embeddings failed on this task (0% after 800 steps, see DESIGN.md);
-RoPE learns it, so RoPE it is. Beside the tokens, the model reads a segment index: which problem
+Learned absolute position embeddings failed to learn this task in a short run where RoPE learned
+it, so RoPE it is. Beside the tokens, the model reads a segment index: which problem
 a token belongs to (prompt line k and solution k are both segment k, data.segments). A real LLM
 finds "### Problem k" in its context without help; a 0.8M-parameter model trained for minutes
-learns that lookup slowly and loses it when RL moves the solutions around (measured: the
-8th problem of 8 was solved 20% of the time without it), so the segment stands in for that
-skill. It is an embedding added to the token's, like BERT's segment embeddings.
+learns that lookup slowly and loses it when RL moves the solutions around (the last problems
+of a long prompt were mostly lost without it), so the segment stands in for that skill. It is an embedding added to the token's, like BERT's segment embeddings.
 A checkpoint is a folder: model.safetensors + config.json (+ tokenizer.json, written by data.py).
 """
+import contextlib
 import json
 import math
 import os
@@ -28,12 +28,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from data import BadInput
-
 # PyTorch may pick cuDNN's attention on Hopper GPUs, which builds a plan for every new sequence length
-# (hundreds of ms each, pytorch#155958). Our batches change length every micro-batch and RL step:
-# measured on an H100, a --preset=gpu pretraining step of 11-14 micro-batches took 1.4-2.1 s in
-# fwd+bwd, while a fixed-shape step of the bench takes 14 ms. Flash attention has no per-shape cost.
+# (pytorch#155958). Our batches change length every micro-batch and RL step, so that planning would
+# dominate a step; flash attention has no per-shape cost.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 
@@ -49,9 +46,9 @@ class GPTConfig:
     def __post_init__(self):  # a bad shape costs one line here, not a tensor error deep in GPT()
         for k, v in asdict(self).items():
             if type(v) is not int or not 1 <= v <= 2 ** 16:
-                raise BadInput(f"{k} must be an integer from 1 to 65536 (got {v!r})")
+                raise ValueError(f"{k} must be an integer from 1 to 65536 (got {v!r})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
-            raise BadInput("n_embd must be a multiple of n_head with an even head size (RoPE)")
+            raise ValueError("n_embd must be a multiple of n_head with an even head size (RoPE)")
 
 
 def rope_tables(block_size, head_dim, base=1e5):
@@ -92,7 +89,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # split/unbind/squeeze, not indexing: indexing's backward writes each gradient into a zeroed
-        # copy of the whole qkv tensor (measured: 8% of a CPU RL update's profile; 3-5% faster without)
+        # copy of the whole qkv tensor
         qk, v = qkv.split([2, 1])                                 # (2, B, nh, T, hd), (1, B, nh, T, hd)
         qk = apply_rope(qk, cos, sin)                             # q and k rotated at once
         if torch.compiler.is_compiling():  # inductor mis-strides this layout under dynamic shapes
@@ -142,7 +139,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, layer, t0):
         x = x + self.attn(self.ln1(x), cos, sin, mask, cache, layer, t0)
-        return x + self.out(F.silu(self.fc(self.ln2(x))))  # SiLU: 3.5x cheaper than erf-GELU on CPU
+        return x + self.out(F.silu(self.fc(self.ln2(x))))  # SiLU: much cheaper than erf-GELU on CPU
 
 
 class GPT(nn.Module):
@@ -185,6 +182,97 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))                           # (B, T, V)
 
 
+# ----------------------------------------------------------------------------- optimizer
+
+def new_optimizer(model, lr, muon_lr=0.0):
+    """AdamW for every weight; or, with muon_lr > 0 (pretraining's default), Muon for the blocks'
+    weight matrices and AdamW for the rest (the embedding, which is also the tied head, and the
+    norms), the split nanochat uses. Muon (K. Jordan et al., 2024) is SGD with Nesterov momentum
+    whose update is replaced by the nearest semi-orthogonal matrix, so that every direction of a
+    weight matrix moves at the same rate: the base learns in far fewer steps than with AdamW alone.
+    RL keeps AdamW: its small learning rate was tuned with it, and Muon in RL is untested here.
+    No weight decay: it slowed the copying circuits down in short runs."""
+    if muon_lr <= 0:
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    rest, mats = [], []
+    for n, p in model.named_parameters():
+        (mats if n.startswith("blocks.") and p.ndim == 2 else rest).append(p)
+    return MuonAdamW([{"params": mats, "muon": True, "lr_mult": muon_lr / lr}, {"params": rest}],
+                     lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def orthogonalize(G, steps=5):
+    """U V^T of G = U S V^T, approximately: a quintic Newton-Schulz iteration (Muon's coefficients)
+    pushes every singular value towards 1 with a few matmuls, no SVD. G (m, n) -> (m, n)."""
+    X = G / (G.norm() + 1e-7)
+    wide = X.shape[0] <= X.shape[1]
+    X = X if wide else X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
+    return X if wide else X.T
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """Muon on the param groups marked muon, AdamW on the rest. A semi-orthogonal (out, in) update
+    has RMS 1/sqrt(max(out, in)); the factor sqrt(max(1, out/in)) makes it 1/sqrt(in) for every shape."""
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            if not g.get("muon"):
+                continue
+            for p in g["params"]:
+                st = self.state[p]
+                if not st:  # "step" too: AdamW's load_state_dict expects it in every state
+                    st.update(step=torch.tensor(0.0), momentum=torch.zeros_like(p))
+                st["step"] += 1
+                buf = st["momentum"]
+                buf.mul_(0.95).add_(p.grad)
+                u = orthogonalize(p.grad.add(buf, alpha=0.95))
+                p.add_(u, alpha=-g["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
+                p.grad = None  # AdamW below skips it
+        super().step()
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def pick_device(name="auto"):
+    """The one place that decides the device: cuda, then mps, then cpu. A named one must be here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name!r}: expected auto, cpu, cuda, cuda:K or mps") from None
+    here = {"cpu": True, "mps": mps, "cuda": (device.index or 0) < torch.cuda.device_count()}
+    if not here.get(device.type):
+        raise ValueError(f"--device={name}: no such device on this machine")
+    return device
+
+
+def autocast(device, bf16=None):
+    """bf16 autocast, by default on CUDA only: on CPU, one-token decoding and the small pretraining
+    micro-batches are overhead-bound, and bf16's casts cost more than they save.
+    bf16=True asks for it on CPU too (the RL update, see update_bf16); False: fp32."""
+    if bf16 or (bf16 is None and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def update_bf16(update_dtype, device):
+    """Whether the RL update's forward runs under bf16 autocast. auto: on CUDA, and on a CPU that
+    multiplies bf16 natively (AVX512-BF16 or AMX), where this one big batch runs faster than fp32
+    (tests/bench.py --what=rl; attention stays fp32, see Attention); not on other CPUs, which would
+    emulate bf16. Sampling and pretraining stay fp32 on CPU."""
+    if update_dtype != "auto":
+        return update_dtype == "bf16"
+    native = any(getattr(torch.cpu, f, lambda: False)()  # private helpers: absent ones count as no
+                 for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return device.type == "cuda" or (device.type == "cpu" and native)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_model(model, folder, meta=None):
@@ -197,34 +285,34 @@ def save_model(model, folder, meta=None):
 
 
 def load_model(folder, device="cpu"):
-    """(model, config dict) from a checkpoint folder; BadInput with one line for anything wrong."""
+    """(model, config dict) from a checkpoint folder; ValueError with one line for anything wrong."""
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise BadInput(f"checkpoint {str(folder)!r} is missing {name}")
+            raise ValueError(f"checkpoint {str(folder)!r} is missing {name}")
     try:  # an unreadable file (permissions) is an OSError naming it, reported by the CLIs
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
-        raise BadInput(f"{folder}/config.json is corrupt ({e})") from None
+        raise ValueError(f"{folder}/config.json is corrupt ({e})") from None
     names = {f.name for f in fields(GPTConfig)}
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:
-        raise BadInput(f"{folder}/config.json does not describe a GPTConfig")
+        raise ValueError(f"{folder}/config.json does not describe a GPTConfig")
     try:
         model = GPT(GPTConfig(**meta["model"]))
-    except BadInput as e:
-        raise BadInput(f"{folder}/config.json: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{folder}/config.json: {e}") from None
     try:
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
             sd = load(f.read())
     except SafetensorError as e:
-        raise BadInput(f"{folder}/model.safetensors is corrupt ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{folder}/model.safetensors is corrupt ({str(e).splitlines()[0]})") from None
     sd["lm_head.weight"] = sd.get("wte.weight")
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in sd.items() if v is not None}
     if want != got:
         bad = sorted(set(want) ^ set(got) or [k for k in want if want[k] != got[k]])[0]
-        raise BadInput(f"{folder}: weights do not match config.json (first mismatch: {bad})")
+        raise ValueError(f"{folder}: weights do not match config.json (first mismatch: {bad})")
     if not all(v.isfinite().all() for v in sd.values()):
-        raise BadInput(f"{folder}/model.safetensors holds non-finite weights")
+        raise ValueError(f"{folder}/model.safetensors holds non-finite weights")
     model.load_state_dict(sd)
     return model.to(device), meta

@@ -1,6 +1,7 @@
 """
 Score a packed completion: split it into per-problem answers by their labels, mark each problem
-right or wrong, and count re-check loops and necessary steps. No length term: a problem that the
+right or wrong, count re-check loops and necessary steps, and note which problems were answered
+directly (no step written: the short, risky strategy). No length term: a problem that the
 token cap cut off before its answer line simply has no answer and scores 0, and the problems
 answered before the cap keep their credit (the paper's hard budget).
 
@@ -29,6 +30,7 @@ class Reward:
                      # they cover the text and the <eos> slot after it, for per-slot credit
     loops: int       # re-check loops in the whole completion
     steps: int       # necessary steps (step patterns that are not re-checks)
+    direct: list     # (N,) True where problem k was answered with no step written for it
     format_ok: bool  # exactly N answers, labelled 1..N, in order, then <eos> (not cut by the cap)
     truncated: bool  # the cap cut the completion before <eos>
 
@@ -39,7 +41,7 @@ class Reward:
 
 def score(text, problems, truncated=False):
     N = len(problems)
-    answers, labels, spans, start = [None] * N, [], [], 0
+    answers, labels, spans, start, direct = [None] * N, [], [], 0, [False] * N
     for m in ANSWER.finditer(text):
         k = int(m.group(1)) - 1
         if not 0 <= k < N:
@@ -47,12 +49,12 @@ def score(text, problems, truncated=False):
         labels.append(k)
         digits = m.group(2).lstrip("-")
         if answers[k] is None and len(digits) <= 30:
-            answers[k] = int(m.group(2))
+            answers[k], direct[k] = int(m.group(2)), not STEP.search(text, start, m.start())
         spans.append((start, m.end(), k))
         start = m.end()
     # what follows the last answer is work towards the next problem (or just <eos> when all done)
     spans.append((start, len(text) + 1, min(labels[-1] + 1, N - 1) if labels else 0))
     correct = [float(a is not None and a == answer(p)) for a, p in zip(answers, problems)]
     loops = len(LOOP.findall(text))
-    return Reward(correct, answers, spans, loops, len(STEP.findall(text)) - loops,
+    return Reward(correct, answers, spans, loops, len(STEP.findall(text)) - loops, direct,
                   labels == list(range(N)) and not truncated, truncated)

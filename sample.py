@@ -20,51 +20,13 @@ and generate_naive() beside them, which recomputes the whole sequence for every 
 CLI:  python sample.py --ckpt out/bcr-s1 --problems "47+85, 52-17"
 """
 import argparse
-import contextlib
 import sys
 import warnings
 
 import torch
 
-from data import EOS, NEWLINE, PAD, BadInput, encode, load_tokenizer, parse_problems, prompt, segments
-from model import KVCache, load_model
-
-
-def fail(message):
-    """One line on stderr, exit code 2, no traceback: how every entry point reports bad input."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad command line (unknown flag, wrong type) costs one line, not a usage dump."""
-
-    def error(self, message):
-        fail(f"{self.prog}: {message}")
-
-
-def pick_device(name="auto"):
-    """The one place that decides the device: cuda, then mps, then cpu. A named one must be here."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadInput(f"--device={name!r}: expected auto, cpu, cuda, cuda:K or mps") from None
-    here = {"cpu": True, "mps": mps, "cuda": (device.index or 0) < torch.cuda.device_count()}
-    if not here.get(device.type):
-        raise BadInput(f"--device={name}: no such device on this machine")
-    return device
-
-
-def autocast(device, bf16=None):
-    """bf16 autocast, by default on CUDA only: on CPU, one-token decoding and the small pretraining
-    micro-batches are overhead-bound, and bf16's casts cost more than they save (measured).
-    bf16=True asks for it on CPU too (the RL update, train.py's --update_dtype); False: fp32."""
-    if bf16 or (bf16 is None and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from data import EOS, NEWLINE, PAD, encode, load_tokenizer, parse_problems, prompt, segments
+from model import KVCache, autocast, load_model, pick_device
 
 
 def left_pad(prompts, device):
@@ -227,49 +189,55 @@ def load_checkpoint(folder, device="cpu"):
     model, meta = load_model(folder, device)
     tok = load_tokenizer(f"{folder}/tokenizer.json")
     if model.cfg.vocab_size != tok.get_vocab_size():
-        raise BadInput(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
-                       f"{tok.get_vocab_size()} tokens")
+        raise ValueError(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
+                         f"{tok.get_vocab_size()} tokens")
     return model.eval(), tok, meta
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad command line costs one line (main prints it), not a usage dump
+        raise ValueError(f"{self.prog}: {message}")
 
 
 def main(argv=None):
     from reward import score  # only the CLI needs it
 
-    ap = ArgParser(description="Solve arithmetic problems with a nanoBCR checkpoint.")
-    ap.add_argument("--ckpt", default="out/bcr-s1",
-                    help="checkpoint folder (model.safetensors, config.json, tokenizer.json)")
+    ap = ArgParser(prog="sample.py", description="Solve arithmetic problems with a nanoBCR checkpoint.")
+    ap.add_argument("--ckpt", default="out/bcr-s1", help="checkpoint folder (model.safetensors, config.json, ...)")
     ap.add_argument("--problems", default="47+85, 52-17", help="comma-separated problems, e.g. '47+85, 52-17'")
-    ap.add_argument("--max_new", type=int, default=0,
-                    help="hard cap on new tokens (0: as much as the model's context allows)")
+    ap.add_argument("--max_new", type=int, default=0, help="hard cap on new tokens (0: all the context allows)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    args = ap.parse_args(argv)
     try:
-        if not (args.temperature == 0 or 0.01 <= args.temperature <= 100):
-            raise BadInput("--temperature must be 0 (greedy) or from 0.01 to 100")
-        if min(args.top_k, args.max_new, args.seed) < 0 or args.seed >= 2 ** 63:
-            raise BadInput("--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")
+        args = ap.parse_args(argv)
+        checks = [(args.temperature == 0 or 0.01 <= args.temperature <= 100, "--temperature: 0 (greedy) or 0.01 to 100"),
+                  (min(args.top_k, args.max_new, args.seed) >= 0 and args.seed < 2 ** 63,
+                   "--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")]
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
         model, tok, _ = load_checkpoint(args.ckpt, device)
-        if len(problems) > model.cfg.n_seg - 2:
-            raise BadInput(f"at most {model.cfg.n_seg - 2} problems at once (got {len(problems)})")
         ids = encode(tok, [prompt(problems)])[0]
         room = model.cfg.block_size - len(ids)
-        if room < 1 or args.max_new > room:
-            raise BadInput(f"the prompt ({len(ids)} tokens) leaves {max(room, 0)} of the model's "
-                           f"{model.cfg.block_size} context tokens for the answer (--max_new={args.max_new})")
+        if len(problems) > model.cfg.n_seg - 2 or room < 1 or args.max_new > room:
+            raise ValueError(f"{len(problems)} problems ({len(ids)} prompt tokens) leave {max(room, 0)} of the "
+                             f"model's {model.cfg.block_size} context tokens for the answer (--max_new="
+                             f"{args.max_new}); at most {model.cfg.n_seg - 2} problems at once")
         gen = torch.Generator(device).manual_seed(args.seed)
         out, n = generate(model, [ids], args.max_new or room, args.temperature, args.top_k, gen)
-    except (BadInput, OSError) as e:  # OSError: a file that cannot be read, named in the message
-        fail(e)
+    except (ValueError, OSError) as e:  # bad input, or a file that cannot be read (named in the message)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     text = tok.decode(out[0, :n[0]].tolist())
     r = score(text, problems, truncated=EOS not in out[0].tolist())
     print(prompt(problems) + text)
     for k, (p, a) in enumerate(zip(problems, r.answers), 1):
-        print(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {a}  ({'correct' if r.correct[k - 1] else 'wrong'})")
+        how = "directly" if r.direct[k - 1] else "with steps"
+        print(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {a} ({'correct' if r.correct[k - 1] else 'wrong'}, {how})")
     print(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
 
 

@@ -1,17 +1,20 @@
 """
 nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing finished stages.
 
-  pretrain  a tiny GPT learns verbose arithmetic traces (re-check loops and all)  -> out/base
-  bcr       BCR: N=3 problems per prompt under one hard cap of N*b tokens         -> out/bcr-s<seed>
-  grpo      control: the same GRPO at N=1 with the generous cap C (no pressure)   -> out/grpo-s<seed>
-  lenpen    control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                 -> out/lenpen-s<seed>
-  eval      every model on N in eval_Ns under the shared budget C, sampled and greedy
-  report    out/report.md + out/report.json
+  pretrain   a tiny GPT learns verbose arithmetic traces (re-check loops, direct answers)  -> out/base
+  bcr        BCR: N=3 problems per prompt under one hard cap of N*b tokens             -> out/bcr-s<seed>
+  grpo       control: the same GRPO at N=1 with the sweep's budget C (no pressure)      -> out/grpo-s<seed>
+  lenpen     control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                     -> out/lenpen-s<seed>
+  eval       every model on N in eval_Ns under the one shared budget C, sampled and greedy
+  report     out/report.md, out/report.json (and out/report.png with matplotlib)
+  ablations  BCR variants on the same base (budget b, training N, credit, advantages, budget-aware
+             BCR), each evaluated on the sweep                                          -> out/ablations.md
 
---stage=<name> runs one stage (and what it needs); --seeds=3 runs three RL seeds. Every step is
-logged to out/<run>.jsonl. A finished stage is reused only if its saved config matches; an
-interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K train.py.
+--stage=<name> runs one stage (RL stages first finish or reuse the base); --seeds=3 runs three RL
+seeds. Every step is logged to out/<run>.jsonl. A finished run is reused only if its saved config
+matches; an interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K.
 """
+import argparse
 import json
 import math
 import os
@@ -19,6 +22,7 @@ import platform
 import random
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -28,10 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bcr
-from data import (BadInput, build_tokenizer, doc_rng, packed_prompts, prompt, pretrain_batch,
-                  sample_problem, solution)
-from model import GPT, GPTConfig, load_model, save_model
-from sample import ArgParser, fail, load_checkpoint, pick_device
+from data import build_tokenizer, prompt, pretrain_batch, sample_problem, solution
+from model import GPT, GPTConfig, autocast, load_model, new_optimizer, pick_device, save_model, update_bf16
+from sample import load_checkpoint
 
 
 def F_(default, help, choices=None):
@@ -41,7 +44,7 @@ def F_(default, help, choices=None):
 @dataclass
 class Config:
     # run
-    stage: str = F_("all", "what to run", ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report"))
+    stage: str = F_("all", "what to run", ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report", "ablations"))
     out_dir: str = F_("out", "where checkpoints, logs and the report go")
     device: str = F_("auto", "auto | cpu | cuda | mps")
     preset: str = F_("cpu", "cpu: laptop defaults; gpu: bigger model and batches, one GPU", ("cpu", "gpu"))
@@ -56,19 +59,21 @@ class Config:
     n_head: int = F_(4, "attention heads (head size 32: cheaper attention on CPU than 8 heads of 16)")
     n_embd: int = F_(128, "model width")
     block_size: int = F_(768, "longest prompt + completion, in tokens")
-    # data
+    # data: the base's habits
     max_digits: int = F_(2, "operands have 1..max_digits digits")
     ops: str = F_("+-", "operations to draw from")
-    max_N: int = F_(8, "pretraining documents hold 1..max_N problems")
+    max_N: int = F_(8, "pretraining documents hold 1..max_N problems (and budget-aware BCR's prompts)")
     p_loop: float = F_(0.7, "chance of a re-check loop after a step (base style)")
     p_again: float = F_(0.45, "chance of checking once more after a check")
     max_loops: int = F_(4, "most re-checks in a row")
+    p_direct: float = F_(0.25, "chance that the base answers a problem directly, with no steps (short, risky)")
+    p_runaway: float = F_(0.03, "chance of a runaway re-check loop in a verbose solution")
     # pretraining
     base_seed: int = F_(0, "seed of the base model's init and data")
     pt_steps: int = F_(1000, "pretraining steps")
-    pt_docs: int = F_(32, "documents per pretraining step (small batches, many updates: measured faster)")
+    pt_docs: int = F_(32, "documents per pretraining step (small batches, many updates: faster here)")
     pt_micro_tokens: int = F_(4096, "padded tokens per micro-batch")
-    pt_max_pad: float = F_(1.2, "a micro-batch ends before a row longer than this x its first (GPU: more, fewer kernels)")
+    pt_max_pad: float = F_(1.2, "a micro-batch ends before a row longer than this x its first (GPU: more)")
     pt_lr: float = F_(2e-3, "peak AdamW learning rate of pretraining (embeddings, norms)")
     pt_muon_lr: float = F_(0.02, "Muon learning rate of the blocks' matrices (0: AdamW for every weight)")
     pt_grow_N: float = F_(0.5, "share of pretraining over which the largest N grows from 2 to max_N")
@@ -76,12 +81,12 @@ class Config:
     warmup: int = F_(30, "linear warm-up steps")
     grad_clip: float = F_(1.0, "gradient-norm clip")
     # RL
-    N: int = F_(3, "problems per packed prompt in BCR training")
+    N: int = F_(3, "problems per packed prompt in BCR training (the paper's best)")
     b: int = F_(36, "completion tokens per problem: the BCR cap is N*b")
     G: int = F_(8, "samples per prompt (the GRPO group)")
     prompts: int = F_(8, "packed prompts per RL step")
-    rl_steps: int = F_(100, "RL steps of each RL stage (BCR's N=8 gain, 3 seeds: +24.9 at 60, +25.7 at 100)")
-    rl_lr: float = F_(1e-4, "RL learning rate (constant after warm-up; 3e-4 degraded the base under vanilla GRPO)")
+    rl_steps: int = F_(100, "RL steps of each RL run")
+    rl_lr: float = F_(1e-4, "RL learning rate (constant after warm-up)")
     temperature: float = F_(1.0, "sampling temperature in RL and in sampled evaluation")
     std_norm: bool = F_(True, "divide advantages by the group's std (False: Dr. GRPO / REINFORCE)")
     token_mean: bool = F_(True, "average the loss over tokens (False: per sequence, then over sequences)")
@@ -89,35 +94,42 @@ class Config:
     kl: float = F_(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
     format_bonus: float = F_(0.1, "reward for exactly N labelled answers followed by <eos>")
     lenpen: float = F_(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
-    update_dtype: str = F_("auto", "RL update's autocast (auto: bf16 on CUDA and on a CPU with native bf16; "
-                           "sampling stays fp32 on CPU)", ("auto", "bf16", "fp32"))
+    update_dtype: str = F_("auto", "RL update's autocast (auto: bf16 on CUDA and on a CPU with native bf16)",
+                           ("auto", "bf16", "fp32"))
     # evaluation
     eval_problems: int = F_(512, "held-out problems per N")
-    eval_Ns: str = F_("1,2,3,4,6,8", "values of N in the evaluation sweep")
-    C: int = F_(0, "shared completion budget of the sweep, the same for every N (0: 8*b)")
+    eval_Ns: str = F_("1,2,3,4,5,6,7,8", "values of N in the evaluation sweep")
+    C: int = F_(0, "shared completion budget of the sweep, the same for every N (0: 4*b, binding from N=4)")
     eval_batch: int = F_(256, "prompts decoded together in evaluation")
     eval_seed: int = F_(1234, "seed of the evaluation problems and sampling")
 
 
-# gpu: the same task and recipe, a 4.8M-parameter model, 2x the documents and 4x the RL prompts, and
-# 2 pretraining micro-batches a step instead of 13 (a GPU step is launch-bound: 0.100 vs 0.327 s on an H100)
+# gpu: the same task and recipe, a 4.8M-parameter model, 2x the documents, 4x the RL prompts, and far
+# fewer, bigger pretraining micro-batches (a small GPU step is bound by kernel launches, not arithmetic)
 PRESETS = {"cpu": {}, "gpu": dict(n_layer=6, n_head=8, n_embd=256, pt_docs=64, pt_micro_tokens=16384,
                                   pt_max_pad=100.0, prompts=32, eval_batch=512)}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "base_seed",
-                          "pt_steps", "pt_docs", "pt_micro_tokens", "pt_max_pad", "pt_lr", "pt_muon_lr", "pt_grow_N",
-                          "pt_concise", "warmup", "grad_clip")
+BASE_KEYS = MODEL_KEYS + ("max_digits", "ops", "max_N", "p_loop", "p_again", "max_loops", "p_direct", "p_runaway",
+                          "base_seed", "pt_steps", "pt_docs", "pt_micro_tokens", "pt_max_pad", "pt_lr", "pt_muon_lr",
+                          "pt_grow_N", "pt_concise", "warmup", "grad_clip")
 RL_KEYS = BASE_KEYS + ("N", "b", "G", "prompts", "rl_steps", "rl_lr", "temperature", "std_norm",
                        "token_mean", "slot_credit", "kl", "format_bonus", "lenpen", "update_dtype")
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
-MADE_WITH = {"pt_max_pad": 1.2}  # keys added later: the value that checkpoints saved before them were made with
+# The paper's ablations and one beyond it, each a BCR run on the same base: name -> (task, flags).
+# Budgets at 0.8x / 1x / 1.2x b, as the paper's 4096 / 5120 / 6144 tokens for N = 3.
+ABLATIONS = {"b29": ("bcr", dict(b=29)), "b43": ("bcr", dict(b=43)), "N2": ("bcr", dict(N=2)),
+             "N4": ("bcr", dict(N=4)), "N5": ("bcr", dict(N=5)), "slot": ("bcr", dict(slot_credit=True)),
+             "nostd": ("bcr", dict(std_norm=False)), "mix": ("mix", {})}
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad command line costs one line (main prints it), not a usage dump
+        raise ValueError(f"{self.prog}: {message}")
 
 
 def to_bool(s):
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
+    if s.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return s.lower() in ("1", "true", "yes", "on")
     raise ValueError(s)
 
 
@@ -128,12 +140,15 @@ def parse_config(argv=None):
     """Flags from the dataclass: --name=value, typed; --preset sets defaults that flags override."""
     ap = ArgParser(prog="train.py", description=__doc__.split("\n\n")[0])
     for f in fields(Config):
-        if f.type is bool:
-            ap.add_argument(f"--{f.name}", type=to_bool, nargs="?", const=True, help=f.metadata["help"])
-        else:
-            ap.add_argument(f"--{f.name}", type=f.type, choices=f.metadata["choices"], help=f.metadata["help"])
+        kind = dict(type=to_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
+        ap.add_argument(f"--{f.name}", choices=f.metadata["choices"], help=f.metadata["help"], **kind)
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     cfg = replace(Config(), **{**PRESETS[args.get("preset", "cpu")], **args})
+    validate(cfg)
+    return cfg
+
+
+def validated(cfg):
     validate(cfg)
     return cfg
 
@@ -142,47 +157,39 @@ def eval_Ns(cfg):
     return [int(x) for x in cfg.eval_Ns.split(",")]
 
 
-def budget(cfg):
-    return cfg.C or 8 * cfg.b
+AT_LEAST = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every pt_max_pad "
+                       "max_loops", 0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl "
+                                       "lenpen grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
 
 
 def validate(cfg):
-    """Every bad value gets a one-line reason before any work starts."""
-    def need(ok, msg):
-        if not ok:
-            raise BadInput(msg)
-    need(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")),
-         "--eval_Ns must be a comma-separated list of integers")
-    Ns = eval_Ns(cfg)
-    need(1 <= min([cfg.N, cfg.max_N, *Ns]) and max([cfg.N, cfg.max_N, *Ns]) <= 14,
-         "N, max_N and every eval N must be between 1 and 14")
-    need(Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
-         "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N")
-    need(Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report (N = 1 findings)")
-    need(cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature must be 0 (greedy) or 0.01 to 100")
-    need(cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -")
-    for f in fields(cfg):
-        need(f.type is not float or math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
-    at_least = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
-                           "pt_max_pad max_loops", 0: "seed base_seed eval_seed pt_steps rl_steps warmup C "
-                           "pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop p_again pt_grow_N pt_concise"}
-    for lo, names in at_least.items():
-        for name in names.split():
-            need(getattr(cfg, name) >= lo, f"--{name} must be >= {lo}")
-    need(max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31 and cfg.max_digits <= 18,
-         "seeds must be below 2**31, --max_digits at most 18")
-    need(all(getattr(cfg, k) <= 1 for k in ("p_loop", "pt_grow_N", "pt_concise")) and cfg.p_again < 1,
-         "--p_loop, --pt_grow_N and --pt_concise must be at most 1, --p_again below 1")
+    """Every bad value gets a one-line reason before any work starts. Two tables: values on their
+    own, then what depends on them (the longest prompt needs a sane max_digits)."""
+    def check(table):
+        for ok, why in table:
+            if not ok:
+                raise ValueError(why)
+    check([(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")), "--eval_Ns: integers, comma-separated"),
+           *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite") for f in fields(cfg) if f.type is float],
+           *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, ks in AT_LEAST.items() for k in ks.split()],
+           (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
+            "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
+           (max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31"),
+           (cfg.max_digits <= 18, "--max_digits must be at most 18"),
+           (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature must be 0 (greedy) or 0.01 to 100"),
+           (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),
+           (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder")])
     GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size)
+    Ns, C, cap = eval_Ns(cfg), bcr.budget(cfg), cfg.N * cfg.b
     worst = (10 ** cfg.max_digits - 1, "+", 10 ** cfg.max_digits - 1)
-    shortest = len(solution(worst, 1)) + 1
-    need(cfg.b >= shortest, f"--b={cfg.b} cannot hold even one concise answer ({shortest} tokens)")
-    need(budget(cfg) >= shortest, f"--C={budget(cfg)} cannot hold even one concise answer ({shortest} tokens)")
-    longest = len(prompt([worst] * max(cfg.max_N, cfg.N, *eval_Ns(cfg))))
-    need(longest + max(budget(cfg), cfg.N * cfg.b) <= cfg.block_size,
-         f"the longest prompt ({longest}) + the cap ({max(budget(cfg), cfg.N * cfg.b)}) exceed "
-         f"--block_size={cfg.block_size}")
-    need(not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder")
+    shortest, longest = len(solution(worst, 1)) + 1, len(prompt([worst] * max(cfg.max_N, cfg.N, *Ns)))
+    check([(1 <= min(cfg.N, cfg.max_N, *Ns) and max(cfg.N, cfg.max_N, *Ns) <= 14, "N, max_N and eval N: 1 to 14"),
+           (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
+            "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
+           (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report (N = 1 findings)"),
+           (min(cfg.b, C) >= shortest, f"--b={cfg.b} or --C={C} cannot hold even one concise answer ({shortest} tokens)"),
+           (longest + max(C, cap) <= cfg.block_size,
+            f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")])
 
 
 # ----------------------------------------------------------------------------- processes
@@ -198,9 +205,9 @@ def setup(cfg):
         if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(env):
             raise KeyError("MASTER_ADDR, MASTER_PORT")
     except (KeyError, ValueError) as e:
-        raise BadInput(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
+        raise ValueError(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
     if world > min(cfg.prompts, cfg.pt_docs):
-        raise BadInput(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
+        raise ValueError(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
     if world > 1:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -244,24 +251,25 @@ def recover(folder):
         os.replace(folder + ".old", folder)
 
 
-def existing(folder, cfg, keys):
+def existing(folder, cfg, keys, need_done=False):
     """None if there is no checkpoint; else its config.json after checking it was made by this
-    config (the keys that matter for it). Never touches the folder."""
+    config (the keys that matter for it) and is finished, or may be resumed (--resume, unless
+    need_done: evaluation never uses a half-trained model). Never touches the folder."""
     recover(folder)
     if not os.path.exists(folder):
         return None
     _, _, meta = load_checkpoint(folder)
     if not (isinstance(meta.get("train"), dict) and isinstance(meta.get("done"), bool)
             and isinstance(meta.get("step"), int) and isinstance(meta.get("wall_s"), (int, float))):
-        raise BadInput(f"{folder}/config.json is not a train.py checkpoint (no train config, step, done or wall_s)")
-    saved = {**MADE_WITH, **meta["train"]}
+        raise ValueError(f"{folder}/config.json is not a train.py checkpoint (no train config, step, done or wall_s)")
+    saved = meta["train"]
     diff = [f"{k}: {saved.get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
-        raise BadInput(f"{folder} was made with another config ({'; '.join(diff)}); "
+        raise ValueError(f"{folder} was made with another config ({'; '.join(diff)}); "
                        f"use another --out_dir or remove that folder")
-    if not meta["done"] and not cfg.resume:
-        raise BadInput(f"{folder} holds an unfinished run (step {meta['step']}): "
-                       f"pass --resume to continue it, or remove the folder to start over")
+    if not meta["done"] and (not cfg.resume or need_done):
+        raise ValueError(f"{folder} holds an unfinished run (step {meta['step']}): pass --resume to "
+                         f"continue it{' first' if need_done else ''}, or remove the folder to start over")
     return meta
 
 
@@ -277,7 +285,7 @@ def restore(folder, model, opt):
         return state["step"]
     except Exception as e:
         why = (str(e).splitlines() or [""])[0][:80]
-        raise BadInput(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None
+        raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None
 
 
 class Log:
@@ -294,7 +302,7 @@ class Log:
                         keep.append(x.rstrip("\n") + "\n")
                 except (ValueError, KeyError, TypeError):
                     if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
-                        raise BadInput(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
+                        raise ValueError(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
             with open(path, "w") as f:
                 f.writelines(keep)
 
@@ -304,59 +312,7 @@ class Log:
                 f.write(json.dumps(row) + "\n")
 
 
-# ----------------------------------------------------------------------------- stages
-
-def new_optimizer(model, lr, muon_lr=0.0):
-    """AdamW for every weight; or, with muon_lr > 0 (pretraining's default), Muon for the blocks'
-    weight matrices and AdamW for the rest (the embedding, which is also the tied head, and the
-    norms), the split nanochat uses. Muon (K. Jordan et al., 2024) is SGD with Nesterov momentum
-    whose update is replaced by the nearest semi-orthogonal matrix, so that every direction of a
-    weight matrix moves at the same rate. Measured here (README): with it 1000 steps bring the base
-    past its 97% sampled-accuracy target; AdamW alone needed 2400 steps for that. RL keeps AdamW: its small
-    learning rate was tuned with it, and Muon in RL is untested here.
-    No weight decay: it slowed the copying circuits down in the short runs measured here."""
-    if muon_lr <= 0:
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    rest, mats = [], []
-    for n, p in model.named_parameters():
-        (mats if n.startswith("blocks.") and p.ndim == 2 else rest).append(p)
-    return MuonAdamW([{"params": mats, "muon": True, "lr_mult": muon_lr / lr}, {"params": rest}],
-                     lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-
-def orthogonalize(G, steps=5):
-    """U V^T of G = U S V^T, approximately: a quintic Newton-Schulz iteration (Muon's coefficients)
-    pushes every singular value towards 1 with a few matmuls, no SVD. G (m, n) -> (m, n)."""
-    X = G / (G.norm() + 1e-7)
-    wide = X.shape[0] <= X.shape[1]
-    X = X if wide else X.T
-    for _ in range(steps):
-        A = X @ X.T
-        X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
-    return X if wide else X.T
-
-
-class MuonAdamW(torch.optim.AdamW):
-    """Muon on the param groups marked muon, AdamW on the rest. A semi-orthogonal (out, in) update
-    has RMS 1/sqrt(max(out, in)); the factor sqrt(max(1, out/in)) makes it 1/sqrt(in) for every shape."""
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            if not g.get("muon"):
-                continue
-            for p in g["params"]:
-                st = self.state[p]
-                if not st:  # "step" too: AdamW's load_state_dict expects it in every state
-                    st.update(step=torch.tensor(0.0), momentum=torch.zeros_like(p))
-                st["step"] += 1
-                buf = st["momentum"]
-                buf.mul_(0.95).add_(p.grad)
-                u = orthogonalize(p.grad.add(buf, alpha=0.95))
-                p.add_(u, alpha=-g["lr"] * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
-                p.grad = None  # AdamW below skips it
-        super().step()
-
+# ----------------------------------------------------------------------------- training runs
 
 def set_lr(opt, step, total, peak, warmup, cosine):
     """Linear warm-up, then constant or cosine down to 10% of the peak."""
@@ -368,35 +324,42 @@ def set_lr(opt, step, total, peak, warmup, cosine):
     return lr
 
 
-def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
-    """The loop every training stage shares: reuse a finished checkpoint made by the same config,
-    resume an interrupted one (--resume), step, log, save every save_every steps and at the end
-    (rank 0 only), and stop on a non-finite step with the last good checkpoint untouched."""
-    meta = existing(folder, cfg, keys)
-    if meta and meta["done"]:
-        return
-    model, opt = make()
-    start, wall = (restore(folder, model, opt), meta["wall_s"]) if meta else (0, 0.0)
-    if world > 1:  # every process starts from rank 0's weights
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
-    log, t0 = Log(folder + ".jsonl", start, rank), time.perf_counter()
-    bar = tqdm(range(start, total), desc=os.path.basename(folder), disable=rank > 0, initial=start, total=total)
-    for step in bar:
-        row = step_fn(model, opt, step)
+class Run:
+    """The bookkeeping every training run shares, around its own `for step in run.steps` loop:
+    resume an interrupted checkpoint (meta, from existing()), log each step, save every save_every
+    steps and at the end (rank 0 only), stop on a non-finite step with the last good checkpoint
+    untouched."""
+
+    def __init__(self, cfg, folder, meta, model, opt, total, rank, world):
+        self.cfg, self.folder, self.model, self.opt, self.total, self.rank, self.world = (
+            cfg, folder, model, opt, total, rank, world)
+        start = restore(folder, model, opt) if meta else 0
+        self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
+        if world > 1:  # every process starts from rank 0's weights
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+        self.log = Log(folder + ".jsonl", start, rank)
+        self.steps = tqdm(range(start, total), desc=os.path.basename(folder), disable=rank > 0, initial=start,
+                          total=total)
+        if start == total:
+            self.save(total)
+
+    def end_step(self, step, row):
         if not row.pop("finite"):
-            raise BadInput(f"non-finite loss or gradient at step {step}: stopped; the last good "
-                           f"checkpoint in {folder} is untouched")
-        row = all_mean(row, world)
-        log({"step": step, **row})
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops") if k in row})
-        if rank == 0 and (step + 1 == total or (step + 1) % cfg.save_every == 0):
-            save(folder, model, build_tokenizer(), cfg, step + 1, step + 1 == total, opt,
-                 wall + time.perf_counter() - t0)
-    if total == start and rank == 0:
-        save(folder, model, build_tokenizer(), cfg, total, True, opt, wall)
-    if world > 1:
-        dist.barrier()
+            raise ValueError(f"non-finite loss or gradient at step {step}: stopped; the last good "
+                             f"checkpoint in {self.folder} is untouched")
+        row = all_mean(row, self.world)
+        self.log({"step": step, **row})
+        self.steps.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops") if k in row})
+        if step + 1 == self.total or (step + 1) % self.cfg.save_every == 0:
+            self.save(step + 1)
+
+    def save(self, step):
+        if self.rank == 0:
+            save(self.folder, self.model, build_tokenizer(), self.cfg, step, step == self.total, self.opt,
+                 self.wall + time.perf_counter() - self.t0)
+        if self.world > 1 and step == self.total:
+            dist.barrier()
 
 
 def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
@@ -406,12 +369,12 @@ def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
     lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
     micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
     if not micro:
-        raise BadInput(f"every document of pretraining step {step} is longer than --block_size={cfg.block_size}")
+        raise ValueError(f"every document of pretraining step {step} is longer than --block_size={cfg.block_size}")
     t_data = time.perf_counter() - t0
     loss_sum, n_tok = 0.0, 0
     for idx, seg, tgt in micro:
         idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
-        with bcr.autocast(device):
+        with autocast(device):
             logits = fwd(idx, seg)                                       # (b, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
                                reduction="sum") / n_targets              # global token mean
@@ -427,76 +390,81 @@ def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
 
 
 def pretrain(cfg, tok, rank, world, device):
-    fwd = []  # the model's forward, or its torch.compile'd twin: made once, with the model
+    """The verbose base: finished -> reused; interrupted -> resumed with --resume, else refused."""
+    folder = f"{cfg.out_dir}/base"
+    meta = existing(folder, cfg, BASE_KEYS)
+    if meta and meta["done"]:
+        return
+    torch.manual_seed(cfg.base_seed)
+    model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
+    opt = new_optimizer(model, cfg.pt_lr, cfg.pt_muon_lr)
+    fwd = torch.compile(model) if cfg.compile else model
+    run = Run(cfg, folder, meta, model, opt, cfg.pt_steps, rank, world)
+    for step in run.steps:
+        run.end_step(step, pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device))
 
-    def make():
-        torch.manual_seed(cfg.base_seed)
-        model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
-        fwd.append(torch.compile(model) if cfg.compile else model)
-        return model, new_optimizer(model, cfg.pt_lr, cfg.pt_muon_lr)
 
-    def step_fn(model, opt, step):
-        return pretrain_step(model, fwd[0], opt, cfg, tok, step, rank, world, device)
-
-    run_stage(cfg, f"{cfg.out_dir}/base", BASE_KEYS, make, cfg.pt_steps, step_fn, rank, world)
-
-
-def rl(cfg, name, seed, tok, rank, world, device):
-    """One RL stage: bcr (N = cfg.N, cap N*b) or a control, grpo / lenpen (N = 1, cap C)."""
-    N, cap = (cfg.N, cfg.N * cfg.b) if name == "bcr" else (1, budget(cfg))
-    scfg = replace(cfg, lenpen=cfg.lenpen if name == "lenpen" else 0.0, decode=decode_mode(cfg, device))
+def rl(cfg, name, run_name, seed, tok, rank, world, device):
+    """One RL run on the base: name is bcr.task's (bcr, mix, grpo, lenpen), cfg may carry an ablation's flags."""
+    folder = f"{cfg.out_dir}/{run_name}"
+    meta = existing(folder, cfg, RL_KEYS)
+    if meta and meta["done"]:
+        return
+    model = load_checkpoint(f"{cfg.out_dir}/base", device)[0]
     ref = load_checkpoint(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
-
-    def make():
-        model = load_checkpoint(f"{cfg.out_dir}/base", device)[0]
-        return model, new_optimizer(model, cfg.rl_lr)
-
-    def step_fn(model, opt, step):
+    opt = new_optimizer(model, cfg.rl_lr)
+    _, cap, lenpen = bcr.task(name, cfg)
+    scfg = replace(cfg, lenpen=lenpen, decode=decode_mode(cfg, device))
+    run = Run(cfg, folder, meta, model, opt, cfg.rl_steps, rank, world)
+    for step in run.steps:
         set_lr(opt, step, cfg.rl_steps, cfg.rl_lr, min(cfg.warmup, 10), cosine=False)
-        groups = packed_prompts(doc_rng(f"{name}{seed}", step), cfg, cfg.prompts, N)
+        groups = bcr.rl_batch(name, cfg, seed, step)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 101 + rank)
         # the step's groups are split over processes: a group never straddles two of them
-        return bcr.rl_step(model, opt, tok, groups[rank::world], cap, gen, scfg, ref, world)
-
-    run_stage(cfg, f"{cfg.out_dir}/{name}-s{seed}", RL_KEYS, make, cfg.rl_steps, step_fn, rank, world)
+        run.end_step(step, bcr.rl_step(model, opt, tok, groups[rank::world], cap, gen, scfg, ref, world))
 
 
 def decode_mode(cfg, device):
-    if cfg.decode == "auto":
-        return "graph" if device.type == "cuda" else "eager"
     if cfg.decode == "graph" and device.type != "cuda":
-        raise BadInput("--decode=graph needs CUDA")
-    return cfg.decode
+        raise ValueError("--decode=graph needs CUDA")
+    return ("graph" if device.type == "cuda" else "eager") if cfg.decode == "auto" else cfg.decode
 
 
-def runs(cfg):
-    return ["base"] + [f"{n}-s{s}" for n in ("bcr", "grpo", "lenpen") for s in range(cfg.seed, cfg.seed + cfg.seeds)]
+def runs(cfg, ablations=False):
+    """{run name: (task, its training config)}: the base, then each RL run of each seed."""
+    out = {"base": ("base", cfg)}
+    todo = {k: (task, validated(replace(cfg, **flags))) for k, (task, flags) in ABLATIONS.items()} if ablations else {
+        name: (name, cfg) for name in ("bcr", "grpo", "lenpen")}
+    for s in range(cfg.seed, cfg.seed + cfg.seeds):
+        out.update({f"{'abl-' * ablations}{k}-s{s}": v for k, v in todo.items()})
+    return out
 
+
+# ----------------------------------------------------------------------------- evaluation
 
 def eval_problems(cfg):
     rng = random.Random(cfg.eval_seed)
     return [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
 
 
-def evaluation(cfg, run, rank, world, device):
-    """The N-sweep of one model under the shared budget C, sampled and greedy; the base also gets
+def evaluation(cfg, run, rank, world, device, greedy=True):
+    """The N-sweep of one model under the shared budget C, sampled (and greedy); the base also gets
     a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
     path = f"{cfg.out_dir}/{run}/eval.json"
-    key = {k: getattr(cfg, k) for k in EVAL_KEYS}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                cached = json.load(f)
-            if cached.get("key") == key:
-                return cached
-        except (ValueError, AttributeError):  # a corrupt cache is recomputed
-            pass
+    key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "greedy": greedy}
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    except (OSError, ValueError, AttributeError):  # none yet, or a corrupt cache: recomputed
+        pass
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
-    problems = eval_problems(cfg)
-    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(eval_Ns(cfg))))
-    plan = [(N, budget(cfg), t) for t in (cfg.temperature, 0.0) for N in eval_Ns(cfg)]
-    plan += [(N, room, cfg.temperature) for N in eval_Ns(cfg)] if run == "base" else []
+    problems, C, Ns = eval_problems(cfg), bcr.budget(cfg), eval_Ns(cfg)
+    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))
+    plan = [(N, C, t) for t in (cfg.temperature, 0.0)[:1 + greedy] for N in Ns]
+    plan += [(N, room, cfg.temperature) for N in Ns] if run == "base" else []
     rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, decode_mode(cfg, device),
                          rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
     out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
@@ -507,132 +475,215 @@ def evaluation(cfg, run, rank, world, device):
     return out
 
 
+def evaluate_runs(cfg, todo, rank, world, device, greedy=True):
+    """Each run's evaluation with its training time, after checking it as reuse would (same
+    training config but the eval flags, finished)."""
+    ev = {}
+    for run, (_, tcfg) in todo.items():
+        keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
+        meta = existing(f"{cfg.out_dir}/{run}", tcfg, keys, need_done=True)
+        if meta is None:
+            raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
+        ev[run] = dict(evaluation(cfg, run, rank, world, device, greedy or run == "base"), train_wall_s=meta["wall_s"])
+    return ev
+
+
 # ----------------------------------------------------------------------------- report
 
-def pick(rows, N, decoding="sample", budget_=None):
-    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding
-                and (budget_ is None or r["budget"] == budget_))
+def pick(rows, N, decoding="sample"):
+    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding and not r.get("room"))
 
 
 def ratio(a, b):
     return a / b if b else float("nan")  # nan (never "reproduced") when the base has none, e.g. a smoke run
 
 
-def spread(xs):
-    return f"{statistics.mean(xs):.3f}" + (f" (min {min(xs):.3f}, max {max(xs):.3f})" if len(xs) > 1 else "")
+def spread(xs, fmt="{:.3f}"):
+    return fmt.format(statistics.mean(xs)) + (f" ({fmt.format(min(xs))}, {fmt.format(max(xs))})" if len(xs) > 1 else "")
+
+
+def non_increasing(rows):
+    """Tokens per problem never rise over the sweep, where a rise under twice its standard error is noise."""
+    return all(b["tokens_per_problem"] - a["tokens_per_problem"] <= 2 * math.hypot(
+        a["tokens_per_problem_se"], b["tokens_per_problem_se"]) for a, b in zip(rows, rows[1:]))
 
 
 def findings(cfg, ev):
-    """The paper's four claims, checked against the targets of the project's issue #3."""
-    C, Ns, seeds = budget(cfg), eval_Ns(cfg), range(cfg.seed, cfg.seed + cfg.seeds)
+    """The paper's four claims, each checked on every seed against a target that could fail."""
+    Ns, seeds = eval_Ns(cfg), range(cfg.seed, cfg.seed + cfg.seeds)
     base = ev["base"]["rows"]
-    b1, bN = pick(base, 1, budget_=C), pick(base, max(Ns), budget_=C)
-    f = {k: [] for k in ("tok", "acc", "loops", "steps", "tpp", "mono", "gainN", "grpo_loops", "lp_acc", "lp_tok")}
+    b1, bN = pick(base, 1), pick(base, max(Ns))
+    keep = lambda rows: pick(rows, max(Ns))["acc"] / max(pick(rows, 1)["acc"], 1e-9)  # noqa: E731 (acc kept to N max)
+    f = {k: [] for k in ("tok", "acc", "loops", "steps", "mono", "keep", "lp_keep", "grpo_loops", "lp_acc", "lp_tok")}
     for s in seeds:
-        r = ev[f"bcr-s{s}"]["rows"]
+        r, lp = ev[f"bcr-s{s}"]["rows"], ev[f"lenpen-s{s}"]["rows"]
         x1 = pick(r, 1)
         f["tok"].append(ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]))
         f["acc"].append(x1["acc"] - b1["acc"])
         f["loops"].append(ratio(x1["loops_per_problem"], b1["loops_per_problem"]))
         f["steps"].append(ratio(x1["steps_per_problem"], b1["steps_per_problem"]))
-        rows = [pick(r, N) for N in Ns]
-        f["tpp"].append(" ".join(f"{x['tokens_per_problem']:.1f}" for x in rows))
-        # non-increasing, where a rise smaller than twice its standard error counts as noise
-        f["mono"].append(float(all(b["tokens_per_problem"] - a["tokens_per_problem"]
-                                   <= 2 * math.hypot(a["tokens_per_problem_se"], b["tokens_per_problem_se"])
-                                   for a, b in zip(rows, rows[1:]))))
-        f["gainN"].append(pick(r, max(Ns))["acc"] - bN["acc"])
-        grpo_loops = pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"]
-        f["grpo_loops"].append(ratio(grpo_loops, b1["loops_per_problem"]))
-        lp = pick(ev[f"lenpen-s{s}"]["rows"], 1)
-        f["lp_acc"].append(lp["acc"] - b1["acc"])
-        f["lp_tok"].append(ratio(lp["tokens_per_problem"], b1["tokens_per_problem"]))
+        f["mono"].append(non_increasing([pick(r, N) for N in Ns]))
+        f["keep"].append(keep(r))
+        f["lp_keep"].append(keep(lp))
+        f["grpo_loops"].append(ratio(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"], b1["loops_per_problem"]))
+        f["lp_acc"].append(pick(lp, 1)["acc"] - b1["acc"])
+        f["lp_tok"].append(ratio(pick(lp, 1)["tokens_per_problem"], b1["tokens_per_problem"]))
+    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns) for s in seeds)
+    collapsed = sum(a < -0.10 for a in f["lp_acc"])
     return {
         "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
                        "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
-                                   f"(target <= 0.6) at accuracy {spread(f['acc'])} vs the base (target >= -0.01)"},
-        "scaling_law": {"reproduced": all(f["mono"]) and all(g >= 0.25 for g in f["gainN"]),
-                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns}: "
-                                    f"{' | '.join(f['tpp'])} (one list per seed); no rise beyond twice its "
-                                    f"standard error for {sum(f['mono']):.0f} of {len(f['mono'])} seeds. "
-                                    f"Accuracy at N={max(Ns)} minus the base's: {spread(f['gainN'])} "
-                                    f"(target >= 0.25)"},
+                                   f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
+                                   f"(target >= -0.01)"},
+        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk) for k, lk in zip(f["keep"], f["lp_keep"])),
+                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = {bcr.budget(cfg)}: "
+                                    f"{tpp} (one list per seed), non-increasing for {sum(f['mono'])} of "
+                                    f"{len(f['mono'])} seeds; accuracy kept from N=1 to N={max(Ns)}: BCR "
+                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty {spread(f['lp_keep'])} "
+                                    f"(target: BCR above both; base accuracy at N={max(Ns)} {bN['acc']:.3f})"},
         "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
                          "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
                                      f"(target <= 0.05); necessary steps {spread(f['steps'])} x (target >= 0.99); "
                                      f"the vanilla-GRPO control keeps {spread(f['grpo_loops'])} x the base's loops"},
-        "length_penalty": {"reproduced": all(a < -0.10 for a in f["lp_acc"]),
-                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{C} at N=1, accuracy vs the base: "
-                                       f"{spread(f['lp_acc'])}, tokens {spread(f['lp_tok'])} x the base's; "
-                                       f"collapsed in {sum(a < -0.10 for a in f['lp_acc'])} of {len(f['lp_acc'])} "
-                                       f"seeds ('collapse' here: more than 10 points of accuracy lost)"}}
+        "length_penalty": {"reproduced": collapsed == len(f["lp_acc"]),
+                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{bcr.budget(cfg)} at N=1, accuracy vs the "
+                                       f"base: {spread(f['lp_acc'], '{:+.3f}')}, tokens {spread(f['lp_tok'])} x the "
+                                       f"base's; collapsed in {collapsed} of {len(f['lp_acc'])} seeds "
+                                       f"(collapse: more than 10 points of accuracy lost)"}}
 
 
 def curve(path):
-    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
-    keep = rows[::max(1, len(rows) // 6)] + rows[-1:] if rows else []
-    return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in keep]
+    """A run's training curve from its step log, every step."""
+    with open(path) as f:
+        return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in map(json.loads, f)]
+
+
+def entries(cfg, ev):
+    """One report entry per run: its N-sweep, its N = 1 figures, the truncation model's prediction
+    of its sweep (bcr.predict), its training curve."""
+    out = []
+    for run, rows in ev.items():
+        name, _, seed = run.removeprefix("abl-").rpartition("-s") if run != "base" else ("base", "", "")
+        room = [dict(r, room=True) for r in rows["rows"] if r["budget"] != bcr.budget(cfg)]
+        sweep = [r for r in rows["rows"] if r["budget"] == bcr.budget(cfg)]
+        one = pick(sweep, 1)
+        out.append({"name": name, "seed": int(seed) if seed else None, "eval": sweep, "eval_room": room,
+                    "free_lunch": {k: one[k] for k in ("budget", "acc", "tokens_per_problem", "loops_per_problem",
+                                                        "steps_per_problem", "direct_share")},
+                    "predicted": bcr.predict(one.pop("samples"), bcr.budget(cfg), eval_Ns(cfg)),
+                    "curve": curve(f"{cfg.out_dir}/{run}.jsonl") if run != "base" else []})
+    return out
+
+
+def table(report, decoding):
+    out = ["| model | seed | N | acc | tokens/problem | predicted acc, tokens | direct share | loops | steps "
+           "| truncated | acc by slot |", "|" + "---|" * 11]
+    for e in report["runs"]:
+        pred = {p["N"]: p for p in e["predicted"]}
+        for r in e["eval"] + e["eval_room"]:
+            if r["decoding"] == decoding:
+                p = pred.get(r["N"]) if not r.get("room") else None
+                out.append(f"| {e['name']}{' (room)' if r.get('room') else ''} | {e['seed'] or '-'} | {r['N']} | "
+                           f"{r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
+                           + (f"{p['acc']:.3f}, {p['tokens_per_problem']:.1f}" if p else "-") +
+                           f" | {r['direct_share']:.2f} | {r['loops_per_problem']:.2f} | {r['steps_per_problem']:.2f} | "
+                           f"{r['truncation_rate']:.2f} | " + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
+    return "\n".join(out)
 
 
 def write_report(cfg, device, ev):
-    """ev: each run's evaluation, with its checkpoint's training time (train_wall_s)."""
     wall = {"pretrain": ev["base"]["train_wall_s"]}
     for stage in ("bcr", "grpo", "lenpen"):
-        wall[stage] = sum(ev[r]["train_wall_s"] for r in runs(cfg) if r.startswith(stage))
+        wall[stage] = sum(e["train_wall_s"] for r, e in ev.items() if r.startswith(stage))
     wall["eval"] = sum(e["wall_s"] for e in ev.values())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    name += f", RL update in {'bf16' if bcr.update_bf16(cfg, device) else 'fp32'}"
-    report = {"config": asdict(cfg), "device": name,
+    report = {"config": asdict(cfg), "device": f"{name}, RL update in "
+              f"{'bf16' if update_bf16(cfg.update_dtype, device) else 'fp32'}",
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "wall_s": wall, "runs": [], "findings": findings(cfg, ev),
-              # the yardstick for "verbose": the loop-free trace of the same problems, <eos> included
+              "wall_s": wall, "runs": entries(cfg, ev), "findings": findings(cfg, ev),
+              # the yardsticks: the loop-free trace of the eval problems, and the direct answer, <eos> included
               "concise_tokens_per_problem": statistics.mean(len(solution(p, 1)) + 1 for p in eval_problems(cfg))}
-    for run in runs(cfg):
-        tagged = [dict(r, room=r["budget"] != budget(cfg)) for r in ev[run]["rows"]]  # the base's extra sweep
-        rows = [r for r in tagged if not r["room"]]
-        name, _, seed = run.partition("-s")
-        entry = {"name": name, "seed": int(seed) if seed else None, "eval": rows,
-                 "free_lunch": {k: pick(rows, 1)[k] for k in ("budget", "acc", "tokens_per_problem",
-                                                               "loops_per_problem", "steps_per_problem")},
-                 "curve": curve(f"{cfg.out_dir}/{run}.jsonl") if name != "base" else []}
-        if run == "base":
-            entry["eval_room"] = [r for r in tagged if r["room"]]
-        report["runs"].append(entry)
-    with open(f"{cfg.out_dir}/report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(f"{cfg.out_dir}/report.md", "w") as f:
-        f.write(markdown(report))
+    md = [f"# nanoBCR report\n\ntorch {report['versions']['torch']} on {report['device']}; wall time (s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + f"; the loop-free trace of the eval problems: "
+          f"{report['concise_tokens_per_problem']:.1f} tokens per problem; shared budget C = {bcr.budget(cfg)}\n",
+          "## Findings\n"]
+    md += [f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}."
+           for k, v in report["findings"].items()]
+    md += ["\n## Sampled sweep (T = 1) under C (and the base with room); predicted: the truncation model\n",
+           table(report, "sample"), "\n## Greedy sweep under C\n", table(report, "greedy"),
+           "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
+    write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))
+    write(f"{cfg.out_dir}/report.md", "\n".join(md))
+    return plot(report, f"{cfg.out_dir}/report.png")
 
 
-def markdown(rep):
-    cfg, out = rep["config"], []
-    out.append(f"# nanoBCR report\n\ntorch {rep['versions']['torch']} on {rep['device']}; wall time (s): "
-               + ", ".join(f"{k} {v:.0f}" for k, v in rep["wall_s"].items())
-               + f"; the loop-free trace of the eval problems: {rep['concise_tokens_per_problem']:.1f} tokens "
-               "per problem\n")
-    out.append("## Findings\n")
-    for k, v in rep["findings"].items():
-        out.append(f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}.")
-    head = ("| model | seed | N | budget | acc | tokens/problem | loops/problem | steps/problem | truncated "
-            "| acc by slot |")
-    for title, sel in ((f"Sampled (T={cfg['temperature']}) under the shared budget C (and the base with room)",
-                        lambda r: r["decoding"] == "sample"),
-                       ("Greedy under the shared budget C", lambda r: r["decoding"] == "greedy")):
-        out += [f"\n## {title}\n", head, "|" + "---|" * 10]
-        for run in rep["runs"]:
-            for r in filter(sel, run["eval"] + run.get("eval_room", [])):
-                out.append(f"| {run['name']}{' (room)' if r.get('room') else ''} | {run['seed'] or '-'} | {r['N']} | "
-                           f"{r['budget']} | {r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
-                           f"{r['loops_per_problem']:.2f} | {r['steps_per_problem']:.2f} | "
-                           f"{r['truncation_rate']:.2f} | " + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
-    out += ["\n## Training curves (RL: rollout batch means)\n",
-            "| run | step | reward | acc | tokens | loops | truncated |", "|" + "---|" * 7]
-    for run in rep["runs"]:
-        for c in run["curve"]:
-            out.append(f"| {run['name']}-s{run['seed']} | {c['step']} | {c['reward']:.3f} | {c['acc']:.3f} | "
-                       f"{c['tokens']:.1f} | {c['loops']:.2f} | {c['truncated']:.2f} |")
-    out.append("\n## Config\n\n```\n" + json.dumps(cfg) + "\n```\n")
-    return "\n".join(out)
+def plot(report, path):
+    """The N-sweep (accuracy, tokens per problem; BCR's truncation-model prediction dashed) and the
+    RL training curves, as out/report.png. matplotlib is optional: without it, no figure."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no out/report.png: pip install matplotlib for the figure"
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    for i, name in enumerate(("base", "bcr", "grpo", "lenpen")):
+        es = [e for e in report["runs"] if e["name"] == name]
+        Ns = [r["N"] for r in es[0]["eval"] if r["decoding"] == "sample"]
+        for j, key in enumerate(("acc", "tokens_per_problem")):
+            y = [statistics.mean(pick(e["eval"], N)[key] for e in es) for N in Ns]
+            ax[j].plot(Ns, y, "o-", color=f"C{i}", label=name)
+            if name == "bcr":
+                pred = [statistics.mean(p[key] for e in es for p in e["predicted"] if p["N"] == N) for N in Ns]
+                ax[j].plot(Ns, pred, "--", color=f"C{i}", label="bcr, truncation model")
+        for e in es[:1] if name != "base" else []:
+            ax[2].plot([c["step"] for c in e["curve"]], [c["acc"] for c in e["curve"]], color=f"C{i}", label=name)
+    C = report["config"]["C"] or 4 * report["config"]["b"]
+    ax[1].plot(Ns, [C / N for N in Ns], ":", color="gray", label="C / N")
+    for a, t in zip(ax, ("accuracy (sampled) vs N, one shared budget C", "tokens per problem vs N",
+                         "RL training accuracy (rollouts), first seed")):
+        a.set_title(t, fontsize=10)
+        a.legend(fontsize=8)
+    ax[1].set_ylim(0, None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def write_ablations(cfg, ev):
+    """out/ablations.json (the report's fields, one entry per run) and .md (mean (min, max) over seeds)."""
+    es, Nmax = entries(cfg, ev), max(eval_Ns(cfg))
+    out = ["| run | what | N=1 acc | N=1 tokens/problem | N=1 direct share | N=1 loops | "
+           f"N={Nmax} acc | N={Nmax} tokens/problem | N={Nmax} truncated | tokens N={Nmax} / N=1 |", "|" + "---|" * 10]
+    what = {"base": "the verbose base", "bcr": "BCR, the default", **{k: f"{t} {v}" for k, (t, v) in ABLATIONS.items()}}
+    for name in what:
+        sel = [e for e in es if e["name"] == name]
+        if sel:
+            one, top = [pick(e["eval"], 1) for e in sel], [pick(e["eval"], Nmax) for e in sel]
+            cells = [spread([r[k] for r in rows], fmt) for rows, k, fmt in (
+                (one, "acc", "{:.3f}"), (one, "tokens_per_problem", "{:.1f}"), (one, "direct_share", "{:.2f}"),
+                (one, "loops_per_problem", "{:.2f}"), (top, "acc", "{:.3f}"), (top, "tokens_per_problem", "{:.1f}"),
+                (top, "truncation_rate", "{:.2f}"))]
+            cells.append(spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)], "{:.2f}"))
+            out.append(f"| {name} | {what[name]} | " + " | ".join(cells) + " |")
+    mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
+    shrink, cut = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix], [a["truncation_rate"] for a, _ in mix]
+    aware = {"reached": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
+             "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
+                         f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}
+    write(f"{cfg.out_dir}/ablations.json", json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
+    write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "
+          f"mean (min, max) over seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}; b and N vary in training only.\n\n"
+          + "\n".join(out) + f"\n\n**Budget-aware BCR**: {'reached' if aware['reached'] else 'NOT reached'}: "
+          f"{aware['evidence']}.\n")
+
+
+def write(path, text):
+    """Atomic: a kill or a full disk leaves the previous file whole."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
@@ -642,35 +693,29 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
-        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"),
-                  "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
-        if cfg.stage in ("eval", "report"):  # evaluate what is there; the report needs every run
-            missing = [r for r in (runs(cfg) if cfg.stage == "report" else ["base"])
-                       if not os.path.exists(f"{cfg.out_dir}/{r}")]
-            if missing:
-                raise BadInput(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
-        elif cfg.stage in ("bcr", "grpo", "lenpen") and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
-            stages = ("pretrain",) + stages  # RL needs the base
-        ev = {}
-        for stage in stages:
-            if stage == "pretrain":
-                pretrain(cfg, tok, rank, world, device)
-            elif stage in ("bcr", "grpo", "lenpen"):
-                for s in range(cfg.seed, cfg.seed + cfg.seeds):
-                    rl(cfg, stage, s, tok, rank, world, device)
-            else:  # each run is checked as reusing it would be: same config (but the eval flags), finished
-                for run in runs(cfg):
-                    keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
-                    meta = existing(f"{cfg.out_dir}/{run}", cfg, keys)
-                    if meta:
-                        ev[run] = dict(evaluation(cfg, run, rank, world, device), train_wall_s=meta["wall_s"])
-        if cfg.stage in ("all", "report") and rank == 0:
-            write_report(cfg, device, ev)
-            print(f"wrote {cfg.out_dir}/report.md and report.json")
+        trains = {"all": ("bcr", "grpo", "lenpen"), "pretrain": (), "bcr": ("bcr",), "grpo": ("grpo",),
+                  "lenpen": ("lenpen",), "ablations": ("bcr",)}  # the ablations compare with the default BCR
+        if cfg.stage in trains:  # every training stage builds on a finished base: reused, resumed or made
+            pretrain(cfg, tok, rank, world, device)
+        for run, (name, tcfg) in {**runs(cfg), **(runs(cfg, True) if cfg.stage == "ablations" else {})}.items():
+            if name in trains.get(cfg.stage, ()) or run.startswith("abl-"):
+                rl(tcfg, name, run, int(run.rpartition("-s")[2]), tok, rank, world, device)
+        if cfg.stage in ("all", "eval", "report"):
+            ev = evaluate_runs(cfg, runs(cfg) if cfg.stage != "eval" else {
+                r: v for r, v in runs(cfg).items() if os.path.exists(f"{cfg.out_dir}/{r}")}, rank, world, device)
+            if cfg.stage != "eval" and rank == 0:
+                print(write_report(cfg, device, ev) + f"; wrote {cfg.out_dir}/report.md and report.json")
+        if cfg.stage == "ablations":
+            ev = evaluate_runs(cfg, {**{r: v for r, v in runs(cfg).items() if r.startswith(("base", "bcr-"))},
+                                     **runs(cfg, True)}, rank, world, device, greedy=False)
+            if rank == 0:
+                write_ablations(cfg, ev)
+                print(f"wrote {cfg.out_dir}/ablations.md and ablations.json")
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
-    except (BadInput, OSError) as e:  # OSError: a folder or file it cannot write or read, named in the message
-        fail(e)
+    except (ValueError, OSError) as e:  # bad input, or a file it cannot write or read (named in the message)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bcr  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from data import BadInput, build_tokenizer, doc_rng, encode, packed_prompts, prompt, segments  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from sample import ArgParser, autocast, fail, load_checkpoint, pick_device  # noqa: E402
+from data import build_tokenizer, doc_rng, encode, packed_prompts, prompt, segments  # noqa: E402
+from model import GPT, GPTConfig, autocast, new_optimizer, pick_device, update_bf16  # noqa: E402
+from sample import load_checkpoint  # noqa: E402
+from train import ArgParser  # noqa: E402
 
 
 def sync(device):
@@ -163,7 +164,7 @@ def bench_rl(model, device, n_rounds):
     cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
                           else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
                           lenpen=0.0, format_bonus=0.1, grad_clip=1.0, update_dtype="auto")
-    dtypes = ["bf16" if bcr.update_bf16(cfg, device) else "fp32"]
+    dtypes = ["bf16" if update_bf16(cfg.update_dtype, device) else "fp32"]
     dtypes += ["fp32"] if dtypes[0] == "bf16" else []
     opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is
     splits, total = {d: [] for d in dtypes}, {d: [] for d in dtypes}
@@ -186,7 +187,7 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
     with finished rows dropped and kept (the same tokens, tests/test_sample.py), and on CUDA by the
     CUDA graph (whole batch, fixed shapes), alternating."""
     cfg, tok = train.parse_config([f"--preset={preset}"]), build_tokenizer()
-    print(f"\nevaluation batch: up to {cfg.eval_batch} prompts, budget {train.budget(cfg)}, T={cfg.temperature}, "
+    print(f"\nevaluation batch: up to {cfg.eval_batch} prompts, budget {bcr.budget(cfg)}, T={cfg.temperature}, "
           f"median of {n_rounds}:")
     modes = {"eager, dropped": ("eager", True), "eager, kept": ("eager", False)}
     if device.type == "cuda":
@@ -199,7 +200,7 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
 
         def run(name):
             gen = torch.Generator(device).manual_seed(cfg.eval_seed)
-            lengths[name] = sample.generate(model, ids, train.budget(cfg), cfg.temperature, 0, gen, *modes[name])[1]
+            lengths[name] = sample.generate(model, ids, bcr.budget(cfg), cfg.temperature, 0, gen, *modes[name])[1]
         med = rounds({k: lambda k=k: run(k) for k in modes}, n_rounds, device)
         n = lengths["eager, dropped"]
         print(f"  N={N}, {len(ids)} prompts (mean completion {n.float().mean():.0f} tokens, longest {int(n.max())}): "
@@ -212,7 +213,7 @@ def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False, max
     shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
     100x fewer tokens/s). Steps from pt_concise * pt_steps on: past both curricula."""
     cfg = train.parse_config([f"--preset={preset}"] + ([f"--pt_max_pad={max_pad}"] if max_pad else []))
-    tok, opt = build_tokenizer(), train.new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
+    tok, opt = build_tokenizer(), new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
     s0, rows = int(cfg.pt_concise * cfg.pt_steps), []
     fwd = torch.compile(model) if compile_ else model  # compiling happens in the warm-up step(s)
     step = lambda i: rows.append(train.pretrain_step(model, fwd, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
@@ -247,18 +248,19 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
     ap.add_argument("--compile", action="store_true", help="pretrain: torch.compile the forward")
     ap.add_argument("--pt_max_pad", type=float, default=None, help="pretrain: train.py's --pt_max_pad (default: the preset's)")
-    args = ap.parse_args(argv)
     try:
+        args = ap.parse_args(argv)
         if args.rounds < 1:
-            raise BadInput("--rounds must be >= 1")
+            raise ValueError("--rounds must be >= 1")
         if args.pt_max_pad is not None and args.pt_max_pad < 1:
-            raise BadInput("--pt_max_pad must be >= 1")
+            raise ValueError("--pt_max_pad must be >= 1")
         device = pick_device(args.device)
         torch.manual_seed(0)
         cfg = GPTConfig(vocab_size=23, block_size=768, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
         model = load_checkpoint(args.ckpt, device)[0] if args.ckpt else GPT(cfg).to(device).eval()
-    except BadInput as e:
-        fail(e)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")

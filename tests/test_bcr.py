@@ -124,3 +124,35 @@ def test_rollout_packs_groups_and_respects_the_cap():
     assert out.shape == (6, 11) and (n <= 11).all()
     assert all(len(r.correct) == 3 for r in rewards)
     assert [r.truncated for r in rewards] == ((out == EOS).sum(1) == 0).tolist()
+
+
+def test_truncation_model_matches_a_simulation():
+    """bcr.predict is exact for a model that solves each packed problem as it solves one alone:
+    a hand case, then a Monte-Carlo replay of random (tokens, score) samples."""
+    import random
+    from bcr import predict
+    pred = {r["N"]: r for r in predict([[21, 1.0]] * 4, 100, [1, 5, 6, 8])}  # 20 tokens a problem, C = 100
+    assert pred[5]["acc"] == 1.0 and pred[6]["acc"] == 5 / 6 and pred[8]["tokens_per_problem"] == 100 / 8
+    rng = random.Random(0)
+    samples = [[rng.randint(10, 60), float(rng.random() < 0.8)] for _ in range(300)]
+    pred = {r["N"]: r for r in predict(samples, 144, [2, 4, 6])}
+    for N in (2, 4, 6):
+        acc = tok = 0.0
+        for _ in range(20000):
+            used = 0
+            for k, c in (rng.choice(samples) for _ in range(N)):
+                used += k - 1
+                acc += c * (used <= 144) / N
+            tok += min(used + 1, 144) / N
+        assert abs(acc / 20000 - pred[N]["acc"]) < 0.01 and abs(tok / 20000 - pred[N]["tokens_per_problem"]) < 0.3
+
+
+def test_each_run_trains_on_its_own_batch():
+    """BCR packs N problems under N*b; budget-aware BCR draws N per prompt under C; the controls one."""
+    from bcr import budget, rl_batch, task
+    c = SimpleNamespace(N=3, b=36, C=0, max_N=8, lenpen=1.0, prompts=64, max_digits=2, ops="+-")
+    assert task("bcr", c)[1:] == (108, 0.0) and task("lenpen", c)[1:] == (budget(c), 1.0) == (144, 1.0)
+    assert {len(g) for g in rl_batch("bcr", c, 1, 0)} == {3} and {len(g) for g in rl_batch("grpo", c, 1, 0)} == {1}
+    mixed = rl_batch("mix", c, 1, 0)
+    assert len({len(g) for g in mixed}) >= 6 and max(map(len, mixed)) <= 8
+    assert rl_batch("mix", c, 1, 5) == rl_batch("mix", c, 1, 5) != rl_batch("mix", c, 2, 5)  # pure in (seed, step)

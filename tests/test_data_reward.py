@@ -5,11 +5,12 @@ from types import SimpleNamespace
 
 from hypothesis import given, settings, strategies as st
 
-from data import (CHARS, EOS, PAD, BadInput, build_tokenizer, encode, is_heldout, packed_prompts,
+from data import (CHARS, EOS, PAD, build_tokenizer, encode, is_heldout, packed_prompts,
                   parse_problems, pretrain_batch, prompt, sample_problem, solution, steps)
 from reward import score
 
-CFG = SimpleNamespace(max_digits=3, ops="+-", max_N=8, p_loop=0.6, p_again=0.4, max_loops=4, base_seed=0,
+CFG = SimpleNamespace(max_digits=3, ops="+-", max_N=8, p_loop=0.6, p_again=0.4, max_loops=4, p_direct=0.25, p_runaway=0.03,
+                      base_seed=0,
                       pt_docs=24, pt_micro_tokens=2048, pt_max_pad=1.2, block_size=640, pt_steps=100, pt_grow_N=0.5, pt_concise=0.7)
 
 
@@ -36,18 +37,44 @@ def test_traces_are_correct_arithmetic():
     assert prompt([(9, "+", 13), (7, "-", 5)]) == "Q1:09+13\nQ2:7-5\n"  # operands aligned
 
 
+def style(**kw):
+    """The base's habits, loops only unless asked for more."""
+    return SimpleNamespace(**{**dict(p_loop=0.0, p_again=0.0, max_loops=4, p_direct=0.0, p_runaway=0.0), **kw})
+
+
 def test_loops_are_geometric_and_only_repeat_steps():
     rng = random.Random(1)
     loops = []
     for _ in range(4000):
         p = sample_problem(rng, 2, "+-")
-        text = solution(p, 1, rng, 0.6, 0.4, 4)
+        text = solution(p, 1, rng, style(p_loop=0.6, p_again=0.4))
         concise = solution(p, 1)
         assert text.replace("chk ", "").split() != concise.split() or "chk" not in text
         assert re.sub(r"chk \S+ ", "", text) == concise  # removing the loops gives the concise trace
         loops.append(text.count("chk") / len(steps(p)))
     mean = sum(loops) / len(loops)
     assert 0.9 < mean < 1.05  # 0.6 * (1 + 0.4 + 0.16 + 0.064) = 0.97 loops per step
+
+
+def test_direct_answers_and_runaways_at_their_stated_rates():
+    """The short, risky strategy: some problems are answered with no steps at all, the same answer
+    string as the stepped trace's; and rare runaway loops far past max_loops, in verbose traces only."""
+    rng, n, direct, runaway = random.Random(4), 6000, 0, 0
+    for _ in range(n):
+        p = sample_problem(rng, 3, "+-")
+        text = solution(p, 1, rng, style(p_loop=0.6, p_again=0.4, p_direct=0.25, p_runaway=0.03))
+        concise = solution(p, 1)
+        assert text.split()[-1] == concise.split()[-1] and score(text, [p]).correct == [1.0]  # right either way
+        if text == f"Q1:{concise.split()[0][3:]} {concise.split()[-1]}\n":
+            direct += 1
+            assert score(text, [p]).direct == [True]
+        else:
+            assert re.sub(r"chk \S+ ", "", text) == concise and score(text, [p]).direct == [False]
+        runaway += re.search(r"(chk \S+ )\1{4}", text) is not None  # more re-checks in a row than max_loops
+    assert abs(direct / n - 0.25) < 0.02
+    assert 0.01 < runaway / n < 0.025  # 3% of the stepped 75%, of which 0.9**3 go past max_loops: 1.6%
+    quiet = [solution(sample_problem(rng, 2, "+-"), 1, rng, style(p_runaway=1.0), loops=False) for _ in range(200)]
+    assert not any("chk" in t for t in quiet)  # concise documents never loop, not even a runaway
 
 
 def test_heldout_split_is_disjoint_and_about_a_tenth():
@@ -67,7 +94,7 @@ def test_stratified_prompts_share_a_difficulty():
 
 def test_tokenizer_round_trips_one_token_per_char():
     tok = build_tokenizer()
-    text = prompt([(47, "+", 85), (602, "-", 58)]) + solution((47, "+", 85), 1, random.Random(0), 1, 0.5)
+    text = prompt([(47, "+", 85), (602, "-", 58)]) + solution((47, "+", 85), 1, random.Random(0), style(p_loop=1, p_again=0.5))
     ids = encode(tok, [text])[0]
     assert len(ids) == len(text) and tok.decode(ids) == text
     assert tok.decode([*ids, EOS, PAD]) == text  # specials are dropped on decode
@@ -75,7 +102,7 @@ def test_tokenizer_round_trips_one_token_per_char():
     try:
         encode(tok, ["Q1:4*5\n"])
         assert False, "a character outside the vocabulary must be refused"
-    except BadInput as e:
+    except ValueError as e:
         assert "'*'" in str(e)
 
 
@@ -86,7 +113,7 @@ def test_parse_problems_cli_syntax():
         try:
             parse_problems(bad)
             assert False, bad
-        except BadInput:
+        except ValueError:
             pass
 
 
@@ -120,7 +147,7 @@ PROBS = [(47, "+", 85), (52, "-", 17), (9, "+", 3)]
 
 
 def test_score_rules():
-    full = "".join(solution(p, k, random.Random(k), 1.0, 0.5) for k, p in enumerate(PROBS, 1))
+    full = "".join(solution(p, k, random.Random(k), style(p_loop=1, p_again=0.5)) for k, p in enumerate(PROBS, 1))
     r = score(full, PROBS)
     assert r.correct == [1.0, 1.0, 1.0] and r.format_ok and r.loops >= 3 and r.steps == 2 + 2 + 1
     assert r.spans[-1] == (len(full), len(full) + 1, 2)  # <eos> belongs to the last problem

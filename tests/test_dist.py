@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import bcr
+import model
 import sample
 import train
 from data import doc_rng, packed_prompts
@@ -98,7 +99,7 @@ def steps_job(rank, tiny, result):  # noqa: F811
     dist.init_process_group("gloo")
     model, tok, _ = sample.load_checkpoint(Path(tiny) / "base")
     cfg = train.parse_config(TINY + ["--decode=eager"])
-    opt = train.new_optimizer(model, 1e-3)
+    opt = model.new_optimizer(model, 1e-3)
     for step in range(3):
         groups = packed_prompts(doc_rng("steps", step), cfg, 4, 2)[rank::2]
         gen = torch.Generator().manual_seed(100 * step + rank)  # each rank samples its own rollouts

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import bcr
+import model
 import sample
 import train
 
@@ -91,7 +93,7 @@ def test_rl_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
     os.symlink(tiny / "base", full / "base")
     assert run(TINY + [f"--out_dir={full}", "--stage=lenpen"]) == 0
     with monkeypatch.context() as m:
-        interrupt_at(m, train, "doc_rng", 3)  # checkpoint at step 3, killed in step 3
+        interrupt_at(m, bcr, "doc_rng", 3)  # checkpoint at step 3, killed in step 3
         with pytest.raises(KeyboardInterrupt):
             run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen"])
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen", "--resume"]) == 0
@@ -110,23 +112,15 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tiny, capsys):
     assert digest(tiny / "base") == before
 
 
-def test_a_flag_added_later_reads_as_what_an_old_checkpoint_was_made_with(tiny, tmp_path):
-    """A checkpoint saved before pt_max_pad existed was made with 1.2 (then hard-coded): it is reused
-    under 1.2 and refused under any other value. Keys not in train.MADE_WITH get no such grace."""
-    old = tmp_path / "base"
-    os.makedirs(old)
-    for f in os.listdir(tiny / "base"):
-        Path(old / f).write_bytes(Path(tiny / "base" / f).read_bytes())
-    meta = json.loads((old / "config.json").read_text())
-    del meta["train"]["pt_max_pad"]
-    (old / "config.json").write_text(json.dumps(meta))
-    assert train.existing(old, train.parse_config(TINY), train.BASE_KEYS) is not None
-    with pytest.raises(train.BadInput, match="pt_max_pad: 1.2 there, 3.0 now"):
-        train.existing(old, train.parse_config(TINY + ["--pt_max_pad=3"]), train.BASE_KEYS)
-    del meta["train"]["pt_lr"]
-    (old / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(train.BadInput, match="pt_lr: None there"):
-        train.existing(old, train.parse_config(TINY), train.BASE_KEYS)
+def test_a_checkpoint_without_a_key_of_today_is_refused(tiny, tmp_path):
+    """A checkpoint saved before a flag existed cannot say what it was made with: refused, named."""
+    import shutil
+    shutil.copytree(tiny / "base", tmp_path / "base")
+    meta = json.loads((tmp_path / "base" / "config.json").read_text())
+    del meta["train"]["p_direct"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="p_direct: None there"):
+        train.existing(tmp_path / "base", train.parse_config(TINY), train.BASE_KEYS)
 
 
 def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
@@ -142,7 +136,7 @@ def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
 def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny, cut):
     import shutil
     shutil.copytree(tiny / "base", tmp_path / "base")
-    model, tok, meta = sample.load_checkpoint(tmp_path / "base")
+    net, tok, meta = sample.load_checkpoint(tmp_path / "base")
     calls = []
     real = os.replace
 
@@ -154,7 +148,7 @@ def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny
     monkeypatch.setattr(os, "replace", dying_replace)
     cfg = train.parse_config(TINY)
     with pytest.raises(KeyboardInterrupt):
-        train.save(str(tmp_path / "base"), model, tok, cfg, 99, False, train.new_optimizer(model, 1e-3), 0.0)
+        train.save(str(tmp_path / "base"), net, tok, cfg, 99, False, model.new_optimizer(net, 1e-3), 0.0)
     monkeypatch.setattr(os, "replace", real)
     train.recover(str(tmp_path / "base"))
     _, _, again = sample.load_checkpoint(tmp_path / "base")
@@ -180,17 +174,17 @@ def test_orthogonalize_flattens_the_spectrum():
     g = torch.Generator().manual_seed(0)
     for shape in ((384, 128), (128, 512)):
         G = torch.randn(shape, generator=g) * torch.logspace(-2, 0, shape[1]) * 1e3
-        s = torch.linalg.svdvals(train.orthogonalize(G))
+        s = torch.linalg.svdvals(model.orthogonalize(G))
         assert s.min() > 0.5 and s.max() < 1.3, (shape, s.min(), s.max())
         assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 10
 
 
 def test_muon_only_on_the_blocks_matrices():
-    model = train.GPT(train.GPTConfig(23, 64, 2, 2, 32))
-    opt = train.new_optimizer(model, 1e-3, muon_lr=0.02)
+    net = model.GPT(model.GPTConfig(23, 64, 2, 2, 32))
+    opt = model.new_optimizer(net, 1e-3, muon_lr=0.02)
     muon = {id(p) for g in opt.param_groups if g.get("muon") for p in g["params"]}
-    names = {n for n, p in model.named_parameters() if id(p) in muon}
-    assert names == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
+    names = {n for n, p in net.named_parameters() if id(p) in muon}
+    assert names == {n for n, p in net.named_parameters() if n.startswith("blocks.") and p.ndim == 2}
     assert "wte.weight" not in names and len(names) == 2 * 4
     train.set_lr(opt, 5, 10, 1e-3, 0, cosine=False)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 1e-3])
@@ -227,13 +221,30 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     row = rep["runs"][1]["eval"][0]
     assert row["problems"] >= 8 and len(row["acc_by_slot"]) == row["N"] and 0 <= row["acc"] <= 1
     assert (out / "report.md").read_text().startswith("# nanoBCR report")
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib is in the test requirements
+
+
+def test_ablations_command(tiny, tmp_path):
+    """--stage=ablations: every variant trained on the same base and evaluated, a table with one row each."""
+    os.symlink(tiny / "base", tmp_path / "base")
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=ablations", "--rl_steps=2"]) == 0
+    rep = json.load(open(tmp_path / "ablations.json"))
+    names = {e["name"] for e in rep["runs"]}
+    assert names == {"base", "bcr"} | set(train.ABLATIONS)
+    for e in rep["runs"]:
+        if e["name"] in train.ABLATIONS:  # each trained with its own flags, evaluated on the shared sweep
+            meta = json.load(open(tmp_path / f"abl-{e['name']}-s1" / "config.json"))["train"]
+            assert all(meta[k] == v for k, v in train.ABLATIONS[e["name"]][1].items())
+            assert [r["N"] for r in e["eval"]] == [1, 2] and all(r["budget"] == 48 for r in e["eval"])
+    table = (tmp_path / "ablations.md").read_text()
+    assert all(f"| {n} |" in table for n in names)
 
 
 def test_findings_survive_a_base_with_nothing_to_compare():
     """A smoke run's untrained base may emit no steps, loops or tokens: the ratios are nan and
     nothing counts as reproduced, instead of a ZeroDivisionError after all the training."""
     cfg = train.parse_config(TINY)
-    C = train.budget(cfg)
+    C = bcr.budget(cfg)
 
     def rows(tokens, steps):
         return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": 0.0, "tokens_per_problem": tokens,
@@ -248,7 +259,7 @@ def test_findings_survive_a_base_with_nothing_to_compare():
 def test_length_penalty_finding_counts_collapsed_seeds():
     """The rule wants every seed to collapse; the evidence says how many did (on an H100, 2 of 3)."""
     cfg = train.parse_config(TINY + ["--seeds=3"])
-    C = train.budget(cfg)
+    C = bcr.budget(cfg)
 
     def rows(acc):
         return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": acc, "tokens_per_problem": 30.0,
