@@ -192,11 +192,15 @@ def setup(cfg):
     (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
     device = pick_device(cfg.device)
     env = os.environ
-    try:  # what torchrun sets; a hand-made environment may lack some or hold non-integers
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local_rank, local_world = (int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])) if world > 1 else (0, 1)
-        if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(env):
-            raise KeyError("MASTER_ADDR, MASTER_PORT")
+    names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    local_rank, rank, world, local_world = 0, 0, 1, 1
+    try:  # torchrun sets all of these; a stray RANK alone would train a process that never saves
+        v = {k: int(env[k]) for k in names if k in env}
+        if set(v) - {"MASTER_PORT"}:
+            local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: names a missing one
+            if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536 and
+                    env["MASTER_ADDR"]):
+                raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
     except (KeyError, ValueError) as e:
         raise BadInput(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
     if world > min(cfg.prompts, cfg.pt_docs):

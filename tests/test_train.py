@@ -339,7 +339,7 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Not a directory" in err and str(f) in err, err
 
 
-TORCHRUN = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
+TORCHRUN = {"RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
 
 
 @pytest.mark.parametrize("env, why", [({"WORLD_SIZE": "2"}, "not torchrun's ('LOCAL_RANK')"),
@@ -390,3 +390,30 @@ def test_cli_subprocesses(tiny):
                 ["tests/bench.py", "--ckpt", "/nonexistent"]):
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, cmd
+
+
+# ----------------------------------------------------------------------------- reliability (issues #20, #21)
+
+def one_error(capsys, *words):
+    err = capsys.readouterr().err
+    lines = [x[x.index("error:"):] for x in err.splitlines() if "error:" in x]  # maybe after a progress bar
+    assert len(lines) == 1 and "Traceback" not in err and all(w in lines[0] for w in words), err
+    return lines[0]
+
+
+FULL_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
+            "MASTER_PORT": "29999"}
+
+
+@pytest.mark.parametrize("env, why", [({"RANK": "1"}, "'LOCAL_RANK'"), ({"LOCAL_RANK": "0"}, "'RANK'"),
+                                      ({**FULL_ENV, "WORLD_SIZE": "0"}, "out of range"),
+                                      ({**FULL_ENV, "RANK": "1"}, "out of range"),
+                                      ({**FULL_ENV, "MASTER_PORT": "x"}, "invalid literal")])
+def test_a_partial_torchrun_environment_is_refused_before_any_work(env, why, tmp_path, monkeypatch, capsys):
+    """A stray RANK=1 used to train a process that never saves (only rank 0 saves); WORLD_SIZE=0
+    and a non-numeric MASTER_PORT crashed or were ignored."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert run(TINY + [f"--out_dir={tmp_path}/out", "--stage=pretrain"]) == 2
+    one_error(capsys, "not torchrun's", why)
+    assert not os.path.exists(tmp_path / "out")  # refused before even the folder is made
