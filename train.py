@@ -265,7 +265,7 @@ def existing(folder, cfg, keys):
                        f"use another --out_dir or remove that folder")
     if not meta["done"] and not cfg.resume:
         raise BadInput(f"{folder} holds an unfinished run (step {meta['step']}): "
-                       f"pass --resume to continue it, or remove the folder to start over")
+                       f"continue it with its --stage and --resume, or remove the folder to start over")
     return meta
 
 
@@ -646,15 +646,13 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
-        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"),
-                  "report": ("eval",)}.get(cfg.stage, (cfg.stage,))
+        stages = {"all": ("pretrain", "bcr", "grpo", "lenpen", "eval"), "report": ("eval",), "eval": ("eval",),
+                  "pretrain": ("pretrain",)}.get(cfg.stage, ("pretrain", cfg.stage))  # RL: on a finished base only
         if cfg.stage in ("eval", "report"):  # evaluate what is there; the report needs every run
             missing = [r for r in (runs(cfg) if cfg.stage == "report" else ["base"])
                        if not os.path.exists(f"{cfg.out_dir}/{r}")]
             if missing:
                 raise BadInput(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
-        elif cfg.stage in ("bcr", "grpo", "lenpen") and existing(f"{cfg.out_dir}/base", cfg, BASE_KEYS) is None:
-            stages = ("pretrain",) + stages  # RL needs the base
         ev = {}
         for stage in stages:
             if stage == "pretrain":
@@ -662,12 +660,12 @@ def main(argv=None):
             elif stage in ("bcr", "grpo", "lenpen"):
                 for s in range(cfg.seed, cfg.seed + cfg.seeds):
                     rl(cfg, stage, s, tok, rank, world, device)
-            else:  # each run is checked as reusing it would be: same config (but the eval flags), finished
-                for run in runs(cfg):
-                    keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
-                    meta = existing(f"{cfg.out_dir}/{run}", cfg, keys)
-                    if meta:
-                        ev[run] = dict(evaluation(cfg, run, rank, world, device), train_wall_s=meta["wall_s"])
+            else:  # every run is checked first, as reusing it would be: same config (but the eval flags), finished
+                metas = {r: existing(f"{cfg.out_dir}/{r}", replace(cfg, resume=False),
+                                     [k for k in (BASE_KEYS if r == "base" else RL_KEYS) if k not in EVAL_KEYS])
+                         for r in runs(cfg)}
+                ev = {r: dict(evaluation(cfg, r, rank, world, device), train_wall_s=m["wall_s"])
+                      for r, m in metas.items() if m}
         if cfg.stage in ("all", "report") and rank == 0:
             write_report(cfg, device, ev)
             print(f"wrote {cfg.out_dir}/report.md and report.json")

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,24 @@ def test_cli_subprocesses(tiny):
 
 # ----------------------------------------------------------------------------- reliability (issues #20, #21)
 
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    """A tiny pretraining killed in step 5: base holds step 3 (done: false), base.jsonl steps 0-4."""
+    out = tmp_path_factory.mktemp("half")
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, train, "pretrain_batch", 5)
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={out}", "--stage=pretrain"])
+    return out
+
+
+def unfinished(half, out):
+    """A copy of the half-trained base and its log in out; returns out."""
+    shutil.copytree(half / "base", out / "base")
+    shutil.copy(half / "base.jsonl", out / "base.jsonl")
+    return out
+
+
 def one_error(capsys, *words):
     err = capsys.readouterr().err
     lines = [x[x.index("error:"):] for x in err.splitlines() if "error:" in x]  # maybe after a progress bar
@@ -417,3 +436,15 @@ def test_a_partial_torchrun_environment_is_refused_before_any_work(env, why, tmp
     assert run(TINY + [f"--out_dir={tmp_path}/out", "--stage=pretrain"]) == 2
     one_error(capsys, "not torchrun's", why)
     assert not os.path.exists(tmp_path / "out")  # refused before even the folder is made
+
+
+def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_path, capsys):
+    out = unfinished(half, tmp_path)
+    before, log = digest(out / "base"), (out / "base.jsonl").read_bytes()
+    assert run(TINY + [f"--out_dir={out}", "--stage=eval", "--resume"]) == 2  # evaluating a half-trained base
+    one_error(capsys, "unfinished", "step 3")
+    assert digest(out / "base") == before and (out / "base.jsonl").read_bytes() == log
+    assert run(TINY + [f"--out_dir={out}", "--stage=bcr", "--resume"]) == 0  # the base is finished first
+    assert sample.load_checkpoint(out / "base")[2]["done"] and sample.load_checkpoint(out / "bcr-s1")[2]["done"]
+    a, b = weights(out / "base"), weights(tiny / "base")
+    assert all(torch.equal(a[k], b[k]) for k in a)
