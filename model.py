@@ -196,6 +196,15 @@ def save_model(model, folder, meta=None):
         json.dump({"model": asdict(model.cfg), **(meta or {})}, f, indent=1)
 
 
+def atomic_write(path, data):
+    """A kill or a full disk at any moment leaves the old file or the new one, never a cut one."""
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
 def load_model(folder, device="cpu"):
     """(model, config dict) from a checkpoint folder; BadInput with one line for anything wrong."""
     for name in ("config.json", "model.safetensors"):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import bcr
 from data import (BadInput, build_tokenizer, doc_rng, packed_prompts, prompt, pretrain_batch,
                   sample_problem, solution)
-from model import GPT, GPTConfig, load_model, save_model
+from model import GPT, GPTConfig, atomic_write, load_model, save_model
 from sample import ArgParser, fail, load_checkpoint, pick_device
 
 
@@ -299,8 +299,7 @@ class Log:
                 except (ValueError, KeyError, TypeError):
                     if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
                         raise BadInput(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
-            with open(path, "w") as f:
-                f.writelines(keep)
+            atomic_write(path, "".join(keep))  # a kill here must not leave the log empty
 
     def __call__(self, row):
         if self.on:
@@ -505,9 +504,7 @@ def evaluation(cfg, run, rank, world, device):
                          rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
     out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
     if rank == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, json.dumps(out))
     return out
 
 
@@ -602,10 +599,8 @@ def write_report(cfg, device, ev):
         if run == "base":
             entry["eval_room"] = [r for r in tagged if r["room"]]
         report["runs"].append(entry)
-    with open(f"{cfg.out_dir}/report.json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(f"{cfg.out_dir}/report.md", "w") as f:
-        f.write(markdown(report))
+    atomic_write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))  # a full disk keeps the old
+    atomic_write(f"{cfg.out_dir}/report.md", markdown(report))
 
 
 def markdown(rep):

@@ -1,4 +1,6 @@
 """train.py end to end on a tiny config: stages, exact resume, atomic saves, refusals, bad input."""
+import builtins
+import errno
 import hashlib
 import json
 import os
@@ -413,6 +415,12 @@ def unfinished(half, out):
     return out
 
 
+def tree(folder):
+    """sha256 of every file under folder, by relative path; but .lock, which any run may make."""
+    return {os.path.relpath(f"{d}/{f}", folder): hashlib.sha256(open(f"{d}/{f}", "rb").read()).hexdigest()
+            for d, _, names in os.walk(folder) for f in names if f != ".lock"}
+
+
 def one_error(capsys, *words):
     err = capsys.readouterr().err
     lines = [x[x.index("error:"):] for x in err.splitlines() if "error:" in x]  # maybe after a progress bar
@@ -448,3 +456,59 @@ def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_pa
     assert sample.load_checkpoint(out / "base")[2]["done"] and sample.load_checkpoint(out / "bcr-s1")[2]["done"]
     a, b = weights(out / "base"), weights(tiny / "base")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kill_while_the_log_is_rewritten_leaves_it_whole(half, tmp_path, monkeypatch):
+    out = unfinished(half, tmp_path)
+    log = (out / "base.jsonl").read_bytes()
+    real_open = builtins.open
+
+    def dying_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and os.path.basename(str(path)).startswith("base.jsonl"):
+            f.close()
+            raise KeyboardInterrupt  # killed once the file is opened for writing (and truncated)
+        return f
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", dying_open)
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"])
+    assert (out / "base.jsonl").read_bytes() == log
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in open(out / "base.jsonl")] == list(range(8))
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_last_one(tiny, tmp_path, monkeypatch, capsys):
+    """The RL runs here are copies of the tiny base: under TINY its saved config is every stage's."""
+    for run_ in ("base", "bcr-s1", "grpo-s1", "lenpen-s1"):
+        shutil.copytree(tiny / "base", tmp_path / run_)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 0
+    before = tree(tmp_path)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if "w" in mode and os.path.basename(str(path)).startswith("report.") else f
+    monkeypatch.setattr(builtins, "open", opener)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 2
+    monkeypatch.undo()
+    one_error(capsys, "No space left on device")
+    after = tree(tmp_path)
+    assert {k: after[k] for k in before} == before  # only a report.json.tmp may be new
+    assert json.load(open(tmp_path / "report.json"))["runs"]
