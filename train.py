@@ -380,6 +380,10 @@ def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
         return
     model, opt = make()
     start, wall = (restore(folder, model, opt), meta["wall_s"]) if meta else (0, 0.0)
+    for stale in (folder + ".tmp", folder + ".old") if rank == 0 else ():  # what would fail the first save
+        shutil.rmtree(stale, ignore_errors=True)  # is refused now, before any write (a kill's leftovers just go)
+        if os.path.lexists(stale):
+            raise BadInput(f"{stale} is in the way of saving {folder} and cannot be removed: remove it")
     if world > 1:  # every process starts from rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, 0)

@@ -458,6 +458,17 @@ def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_refused_resume_writes_nothing(half, tmp_path, capsys):
+    """A stale base.tmp that is not a folder failed the first save, after the log had been rewritten
+    and steps trained; it is now refused before any of that."""
+    out = unfinished(half, tmp_path)
+    (out / "base.tmp").write_text("not a checkpoint")
+    before = tree(out)
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 2
+    one_error(capsys, "base.tmp")
+    assert tree(out) == before
+
+
 def test_a_kill_while_the_log_is_rewritten_leaves_it_whole(half, tmp_path, monkeypatch):
     out = unfinished(half, tmp_path)
     log = (out / "base.jsonl").read_bytes()
