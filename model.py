@@ -213,7 +213,7 @@ def load_model(folder, device="cpu"):
     try:  # an unreadable file (permissions) is an OSError naming it, reported by the CLIs
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; deep nesting
         raise BadInput(f"{folder}/config.json is corrupt ({e})") from None
     names = {f.name for f in fields(GPTConfig)}
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:

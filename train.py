@@ -183,6 +183,8 @@ def validate(cfg):
          f"the longest prompt ({longest}) + the cap ({max(budget(cfg), cfg.N * cfg.b)}) exceed "
          f"--block_size={cfg.block_size}")
     need(not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder")
+    need(cfg.out_dir == cfg.out_dir.encode(errors="replace").decode(),  # the tokenizer saves by UTF-8 name only
+         f"--out_dir={cfg.out_dir!r} is not UTF-8")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -233,9 +235,14 @@ def save(folder, model, tok, cfg, step, done, opt, wall_s):
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
-    tok.save(f"{tmp}/tokenizer.json")
-    torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
+    try:  # a full disk: safetensors, tokenizers and torch.save each raise their own error
+        save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
+        tok.save(f"{tmp}/tokenizer.json")
+        torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BadInput(f"cannot write a checkpoint to {tmp} ({str(e).splitlines()[0][:120]}); "
+                       f"the last one in {folder} is untouched") from None
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)
@@ -290,16 +297,16 @@ class Log:
     def __init__(self, path, start, rank):
         self.path, self.on = path, rank == 0
         if self.on:
-            lines = open(path).readlines() if os.path.exists(path) and start > 0 else []
-            keep = []
+            lines = open(path, "rb").readlines() if os.path.exists(path) and start > 0 else []
+            keep = []  # bytes: json.loads refuses a non-UTF-8 byte as it does any corrupt line
             for i, x in enumerate(lines):  # all parsed before the file is rewritten: a bad line costs nothing
                 try:
                     if json.loads(x)["step"] < start:
-                        keep.append(x.rstrip("\n") + "\n")
-                except (ValueError, KeyError, TypeError):
+                        keep.append(x.rstrip(b"\n") + b"\n")
+                except (ValueError, KeyError, TypeError, RecursionError):
                     if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
                         raise BadInput(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
-            atomic_write(path, "".join(keep))  # a kill here must not leave the log empty
+            atomic_write(path, b"".join(keep))  # a kill here must not leave the log empty
 
     def __call__(self, row):
         if self.on:
@@ -496,7 +503,7 @@ def evaluation(cfg, run, rank, world, device):
                 cached = json.load(f)
             if cached.get("key") == key:
                 return cached
-        except (ValueError, AttributeError):  # a corrupt cache is recomputed
+        except (ValueError, AttributeError, RecursionError):  # a corrupt cache is recomputed
             pass
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)

@@ -282,6 +282,8 @@ def corrupt(tiny, tmp_path, how):
         (d / "config.json").write_text(text)
     elif how == "json":
         (d / "config.json").write_text("{not json")
+    elif how == "deep":  # json.load recurses once per bracket
+        (d / "config.json").write_text("[" * 100_000)
     elif how == "tokenizer":
         (d / "tokenizer.json").write_text("[]")
     elif how in ("null", "n_head=0", "n_embd=-4", "n_layer=1.5"):  # valid JSON, not a model
@@ -357,7 +359,7 @@ def test_a_bad_process_environment_is_one_line(env, why, tiny, monkeypatch, caps
     assert len(err.splitlines()) == 1 and why in err, err
 
 
-@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer", "null", "n_head=0",
+@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "deep", "tokenizer", "null", "n_head=0",
                                  "n_embd=-4", "n_layer=1.5", "int64", "nan"])
 def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
     d = corrupt(tiny, tmp_path, how)
@@ -467,6 +469,77 @@ def test_a_refused_resume_writes_nothing(half, tmp_path, capsys):
     assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 2
     one_error(capsys, "base.tmp")
     assert tree(out) == before
+
+
+@pytest.mark.parametrize("line", [b'{"step": 1, "loss": "\xff"}', b"[" * 100_000])
+def test_a_corrupt_resumed_log_line_is_one_line(line, half, tmp_path, capsys):
+    """A non-UTF-8 byte (UnicodeDecodeError) or deep nesting (RecursionError) in the log."""
+    out = unfinished(half, tmp_path)
+    rows = (out / "base.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "base.jsonl").write_bytes(rows[0] + line + b"\n" + b"".join(rows[1:]))
+    before = tree(out)
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 2
+    one_error(capsys, "line 2 is corrupt")
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("where", ["safetensors", "tokenizer", "torch.save", "config.json"])
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, monkeypatch, capsys):
+    """The second save (step 6) finds the disk full: one line, step 3's checkpoint intact, no partial
+    base.tmp left to fill the disk."""
+    from safetensors import SafetensorError
+
+    import model
+    saves = []
+    real_save_file, real_torch_save, real_open = model.save_file, torch.save, builtins.open
+
+    def full(real, error):
+        def wrapped(*a, **k):
+            if len(saves) == 2:
+                raise error
+            return real(*a, **k)
+        return wrapped
+    monkeypatch.setattr(train, "save_model", lambda *a, **k: (saves.append(1), model.save_model(*a, **k)))
+    if where == "safetensors":
+        monkeypatch.setattr(model, "save_file", full(real_save_file, SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
+    elif where == "torch.save":  # what torch.save raises on a full disk
+        monkeypatch.setattr(torch, "save", full(real_torch_save, RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")))
+    elif where == "tokenizer":
+        real_build = train.build_tokenizer
+
+        class Tok:
+            def __init__(self):
+                self.tok = real_build()
+
+            def __getattr__(self, name):
+                return getattr(self.tok, name)
+
+            def save(self, path):
+                if len(saves) == 2:
+                    raise Exception("No space left on device (os error 28)")  # tokenizers' bare Exception
+                self.tok.save(path)
+        monkeypatch.setattr(train, "build_tokenizer", Tok)
+    else:
+        def opener(path, *a, **k):
+            if str(path).endswith("base.tmp/config.json") and len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(builtins, "open", opener)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
+    one_error(capsys, "cannot write a checkpoint", "untouched")
+    monkeypatch.undo()
+    assert sample.load_checkpoint(tmp_path / "base")[2]["step"] == 3
+    assert not os.path.exists(tmp_path / "base.tmp")
+
+
+def test_an_out_dir_that_is_not_utf8_is_refused_before_training(tmp_path, capsys):
+    """The tokenizer's file is saved by a UTF-8 name: such a folder used to fail at the first save."""
+    out = f"{tmp_path}/o{os.fsdecode(bytes([0xff]))}"
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain"]) == 2
+    one_error(capsys, "out_dir", "UTF-8")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_kill_while_the_log_is_rewritten_leaves_it_whole(half, tmp_path, monkeypatch):
