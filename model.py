@@ -205,8 +205,15 @@ def atomic_write(path, data):
     os.replace(f"{path}.tmp", path)
 
 
+def recover(folder):
+    """A save killed between its renames (train.save) leaves only <folder>.old: every loader moves it back."""
+    if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
+        os.replace(f"{folder}.old", folder)
+
+
 def load_model(folder, device="cpu"):
     """(model, config dict) from a checkpoint folder; BadInput with one line for anything wrong."""
+    recover(folder)
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise BadInput(f"checkpoint {str(folder)!r} is missing {name}")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import bcr
 from data import (BadInput, build_tokenizer, doc_rng, packed_prompts, prompt, pretrain_batch,
                   sample_problem, solution)
-from model import GPT, GPTConfig, atomic_write, load_model, save_model
+from model import GPT, GPTConfig, atomic_write, load_model, recover, save_model
 from sample import ArgParser, fail, load_checkpoint, pick_device
 
 
@@ -248,11 +248,6 @@ def save(folder, model, tok, cfg, step, done, opt, wall_s):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(folder):
-    if not os.path.exists(folder) and os.path.exists(folder + ".old"):
-        os.replace(folder + ".old", folder)
 
 
 def existing(folder, cfg, keys):

@@ -596,3 +596,26 @@ def test_a_full_disk_while_writing_the_report_keeps_the_last_one(tiny, tmp_path,
     after = tree(tmp_path)
     assert {k: after[k] for k in before} == before  # only a report.json.tmp may be new
     assert json.load(open(tmp_path / "report.json"))["runs"]
+
+
+def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path, monkeypatch, capsys):
+    """Killed between the two renames, a save leaves only base.old and base.tmp: sample.py (not only
+    train.py) must load base.old as the checkpoint."""
+    shutil.copytree(tiny / "base", tmp_path / "base")
+    model, tok, _ = sample.load_checkpoint(tmp_path / "base")
+    real = os.replace
+    calls = []
+
+    def dying_replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dying_replace)
+        with pytest.raises(KeyboardInterrupt):
+            train.save(str(tmp_path / "base"), model, tok, train.parse_config(TINY), 99, False,
+                       train.new_optimizer(model, 1e-3), 0.0)
+    assert sorted(os.listdir(tmp_path)) == ["base.old", "base.tmp"]
+    sample.main(["--ckpt", str(tmp_path / "base"), "--problems", "1+2"])  # no SystemExit
+    assert "problem 1: 1+2" in capsys.readouterr().out
