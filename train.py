@@ -392,9 +392,9 @@ def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
     log, t0 = Log(folder + ".jsonl", start, rank), time.perf_counter()
     bar = tqdm(range(start, total), desc=os.path.basename(folder), disable=rank > 0, initial=start, total=total)
     for step in bar:
-        row = step_fn(model, opt, step)
-        if not row.pop("finite"):
-            raise BadInput(f"non-finite loss or gradient at step {step}: stopped; the last good "
+        row = step_fn(model, opt, step)  # a huge step can overflow the weights from a finite gradient
+        if not (row.pop("finite") and torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+            raise BadInput(f"non-finite loss, gradient or weights at step {step}: stopped; the last good "
                            f"checkpoint in {folder} is untouched")
         row = all_mean(row, world)
         log({"step": step, **row})

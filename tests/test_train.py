@@ -619,3 +619,12 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     assert sorted(os.listdir(tmp_path)) == ["base.old", "base.tmp"]
     sample.main(["--ckpt", str(tmp_path / "base"), "--problems", "1+2"])  # no SystemExit
     assert "problem 1: 1+2" in capsys.readouterr().out
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, capsys):
+    """lr 1e38: the loss and the gradient of step 0 are finite, the AdamW step overflows the weights;
+    with a save after every step they used to be saved, and neither sample.py nor --resume loads them."""
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0", "--pt_lr=1e38",
+                       "--save_every=1"]) == 2
+    assert one_error(capsys, "non-finite", "step 0", "untouched")
+    assert not os.path.exists(tmp_path / "base")
