@@ -12,6 +12,7 @@ nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing fi
 logged to out/<run>.jsonl. A finished stage is reused only if its saved config matches; an
 interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K train.py.
 """
+import fcntl
 import json
 import math
 import os
@@ -640,7 +641,23 @@ def markdown(rep):
     return "\n".join(out)
 
 
+def lock(out_dir):
+    """Held for the whole run: a second run's saves would interleave with this one's. The kernel
+    drops a flock when its process dies, so a killed run never leaves a stale lock."""
+    f = open(f"{out_dir}/.lock", "a+")  # not "w": a refused run must not wipe the holder's pid
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise BadInput(f"{out_dir}/ is in use by pid {f.read().strip() or '?'}: wait, or use another --out_dir")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def main(argv=None):
+    held = None
     try:
         cfg = parse_config(argv)
         rank, world, device = setup(cfg)
@@ -654,6 +671,7 @@ def main(argv=None):
                        if not os.path.exists(f"{cfg.out_dir}/{r}")]
             if missing:
                 raise BadInput(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
+        held = lock(cfg.out_dir) if rank == 0 else None  # torchrun's other ranks share rank 0's
         ev = {}
         for stage in stages:
             if stage == "pretrain":
@@ -675,6 +693,8 @@ def main(argv=None):
     except (BadInput, OSError) as e:  # OSError: a folder or file it cannot write or read, named in the message
         fail(e)
     finally:
+        if held:  # now, not when a traceback holding this frame is freed: a test runs main again at once
+            held.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny config: stages, exact resume, atomic saves, refusals, bad input."""
 import builtins
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -628,3 +629,33 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, capsys):
                        "--save_every=1"]) == 2
     assert one_error(capsys, "non-finite", "step 0", "untouched")
     assert not os.path.exists(tmp_path / "base")
+
+
+def test_one_out_dir_one_run(tmp_path, monkeypatch, capsys):
+    """A second run into a folder in use is refused while the first goes on; a killed run's lock goes
+    with it (a flock), though its .lock file stays."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "f = open(sys.argv[1] + '/.lock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = digest(tmp_path)
+        assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
+        one_error(capsys, f"is in use by pid {holder.pid}")
+        assert digest(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    second, real = [], train.pretrain_batch
+
+    def meanwhile(*args):  # a second run starts while the first is in step 1
+        if args[2] == 1 and not second:
+            second.append(run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]))
+        return real(*args)
+    monkeypatch.setattr(train, "pretrain_batch", meanwhile)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 0 and second == [2]
+    one_error(capsys, f"is in use by pid {os.getpid()}")
+    assert sample.load_checkpoint(tmp_path / "base")[2]["done"]
+    with open(tmp_path / ".lock") as f:  # released when the run ended
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
