@@ -207,6 +207,7 @@ def atomic_write(path, data):
 
 def recover(folder):
     """A save killed between its renames (train.save) leaves only <folder>.old: every loader moves it back."""
+    folder = os.path.realpath(folder)  # a symlinked folder is swapped where it really is
     if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
         os.replace(f"{folder}.old", folder)
 

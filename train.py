@@ -233,6 +233,7 @@ def all_mean(values, world):
 def save(folder, model, tok, cfg, step, done, opt, wall_s):
     """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
     at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
+    folder = os.path.realpath(folder)  # a symlink would be renamed away, its target left as .old
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -383,8 +384,9 @@ def run_stage(cfg, folder, keys, make, total, step_fn, rank, world):
         return
     model, opt = make()
     start, wall = (restore(folder, model, opt), meta["wall_s"]) if meta else (0, 0.0)
-    for stale in (folder + ".tmp", folder + ".old") if rank == 0 else ():  # what would fail the first save
-        shutil.rmtree(stale, ignore_errors=True)  # is refused now, before any write (a kill's leftovers just go)
+    real = os.path.realpath(folder)  # where save() swaps; what would fail its first save is refused now
+    for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers just go)
+        shutil.rmtree(stale, ignore_errors=True)
         if os.path.lexists(stale):
             raise BadInput(f"{stale} is in the way of saving {folder} and cannot be removed: remove it")
     if world > 1:  # every process starts from rank 0's weights

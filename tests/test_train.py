@@ -659,3 +659,17 @@ def test_one_out_dir_one_run(tmp_path, monkeypatch, capsys):
     assert sample.load_checkpoint(tmp_path / "base")[2]["done"]
     with open(tmp_path / ".lock") as f:  # released when the run ended
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_symlinked_checkpoint_folder_saves_and_resumes(half, tiny, tmp_path):
+    """out/base -> elsewhere/base: the first save used to rename the link away and the second fail."""
+    out, real = tmp_path / "out", tmp_path / "elsewhere"
+    unfinished(half, out)
+    real.mkdir()
+    shutil.move(out / "base", real / "base")
+    os.symlink(real / "base", out / "base")
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0  # saves at steps 6 and 8
+    assert (out / "base").is_symlink() and sorted(os.listdir(real)) == ["base"]
+    assert not os.path.lexists(out / "base.old") and sample.load_checkpoint(out / "base")[2]["done"]
+    a, b = weights(out / "base"), weights(tiny / "base")
+    assert all(torch.equal(a[k], b[k]) for k in a)
