@@ -284,15 +284,32 @@ def save_model(model, folder, meta=None):
         json.dump({"model": asdict(model.cfg), **(meta or {})}, f, indent=1)
 
 
+def atomic_write(path, data):
+    """A kill or a full disk at any moment leaves the old file or the new one, never a cut one."""
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
+def recover(folder):
+    """A save killed between its renames (train.save) leaves only <folder>.old: every loader moves it back."""
+    folder = os.path.realpath(folder)  # a symlinked folder is swapped where it really is
+    if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
+        os.replace(f"{folder}.old", folder)
+
+
 def load_model(folder, device="cpu"):
     """(model, config dict) from a checkpoint folder; ValueError with one line for anything wrong."""
+    recover(folder)
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise ValueError(f"checkpoint {str(folder)!r} is missing {name}")
     try:  # an unreadable file (permissions) is an OSError naming it, reported by the CLIs
         with open(os.path.join(folder, "config.json")) as f:
             meta = json.load(f)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; deep nesting
         raise ValueError(f"{folder}/config.json is corrupt ({e})") from None
     names = {f.name for f in fields(GPTConfig)}
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or set(meta["model"]) != names:

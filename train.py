@@ -15,6 +15,7 @@ seeds. Every step is logged to out/<run>.jsonl. A finished run is reused only if
 matches; an interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -33,7 +34,8 @@ from tqdm import tqdm
 
 import bcr
 from data import build_tokenizer, prompt, pretrain_batch, sample_problem, solution
-from model import GPT, GPTConfig, autocast, load_model, new_optimizer, pick_device, save_model, update_bf16
+from model import (GPT, GPTConfig, atomic_write, autocast, load_model, new_optimizer, pick_device, recover,
+                   save_model, update_bf16)
 from sample import load_checkpoint
 
 
@@ -178,7 +180,8 @@ def validate(cfg):
            (cfg.max_digits <= 18, "--max_digits must be at most 18"),
            (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature must be 0 (greedy) or 0.01 to 100"),
            (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),
-           (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder")])
+           (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder"),
+           (cfg.out_dir == cfg.out_dir.encode(errors="replace").decode(), f"--out_dir={cfg.out_dir!r} is not UTF-8")])
     GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size)
     Ns, C, cap = eval_Ns(cfg), bcr.budget(cfg), cfg.N * cfg.b
     worst = (10 ** cfg.max_digits - 1, "+", 10 ** cfg.max_digits - 1)
@@ -198,12 +201,15 @@ def setup(cfg):
     """(rank, world, device). A no-op for one process; under torchrun, one process per device
     (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
     device = pick_device(cfg.device)
-    env = os.environ
-    try:  # what torchrun sets; a hand-made environment may lack some or hold non-integers
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        local_rank, local_world = (int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])) if world > 1 else (0, 1)
-        if world > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= set(env):
-            raise KeyError("MASTER_ADDR, MASTER_PORT")
+    env, names = os.environ, ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    local_rank, rank, world, local_world = 0, 0, 1, 1
+    try:  # torchrun sets all of these; a stray RANK alone would train a process that never saves
+        v = {k: int(env[k]) for k in names if k in env}
+        if set(v) - {"MASTER_PORT"}:
+            local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: names a missing one
+            if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536
+                    and env["MASTER_ADDR"]):
+                raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
     except (KeyError, ValueError) as e:
         raise ValueError(f"this environment is not torchrun's ({e}): start several processes with torchrun") from None
     if world > min(cfg.prompts, cfg.pt_docs):
@@ -233,22 +239,23 @@ def all_mean(values, world):
 def save(folder, model, tok, cfg, step, done, opt, wall_s):
     """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
     at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
+    folder = os.path.realpath(folder)  # a symlink would be renamed away, its target left as .old
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
-    tok.save(f"{tmp}/tokenizer.json")
-    torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
+    try:  # a full disk: safetensors, tokenizers and torch.save each raise their own error
+        save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
+        tok.save(f"{tmp}/tokenizer.json")
+        torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"cannot write a checkpoint to {tmp} ({str(e).splitlines()[0][:120]}); "
+                         f"the last one in {folder} is untouched") from None
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(folder):
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(folder):
-    if not os.path.exists(folder) and os.path.exists(folder + ".old"):
-        os.replace(folder + ".old", folder)
 
 
 def existing(folder, cfg, keys, need_done=False):
@@ -268,8 +275,8 @@ def existing(folder, cfg, keys, need_done=False):
         raise ValueError(f"{folder} was made with another config ({'; '.join(diff)}); "
                        f"use another --out_dir or remove that folder")
     if not meta["done"] and (not cfg.resume or need_done):
-        raise ValueError(f"{folder} holds an unfinished run (step {meta['step']}): pass --resume to "
-                         f"continue it{' first' if need_done else ''}, or remove the folder to start over")
+        raise ValueError(f"{folder} holds an unfinished run (step {meta['step']}): continue it with its "
+                         f"--stage and --resume, or remove the folder to start over")
     return meta
 
 
@@ -294,17 +301,16 @@ class Log:
     def __init__(self, path, start, rank):
         self.path, self.on = path, rank == 0
         if self.on:
-            lines = open(path).readlines() if os.path.exists(path) and start > 0 else []
-            keep = []
+            lines = open(path, "rb").readlines() if os.path.exists(path) and start > 0 else []
+            keep = []  # bytes: json.loads refuses a non-UTF-8 byte as it does any corrupt line
             for i, x in enumerate(lines):  # all parsed before the file is rewritten: a bad line costs nothing
                 try:
                     if json.loads(x)["step"] < start:
-                        keep.append(x.rstrip("\n") + "\n")
-                except (ValueError, KeyError, TypeError):
+                        keep.append(x.rstrip(b"\n") + b"\n")
+                except (ValueError, KeyError, TypeError, RecursionError):
                     if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
                         raise ValueError(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
-            with open(path, "w") as f:
-                f.writelines(keep)
+            atomic_write(path, b"".join(keep))  # a kill here must not leave the log empty
 
     def __call__(self, row):
         if self.on:
@@ -335,6 +341,11 @@ class Run:
             cfg, folder, model, opt, total, rank, world)
         start = restore(folder, model, opt) if meta else 0
         self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
+        real = os.path.realpath(folder)  # where save() swaps; what would fail its first save is refused now
+        for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers just go)
+            shutil.rmtree(stale, ignore_errors=True)
+            if os.path.lexists(stale):
+                raise ValueError(f"{stale} is in the way of saving {folder} and cannot be removed: remove it")
         if world > 1:  # every process starts from rank 0's weights
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
@@ -344,9 +355,9 @@ class Run:
         if start == total:
             self.save(total)
 
-    def end_step(self, step, row):
-        if not row.pop("finite"):
-            raise ValueError(f"non-finite loss or gradient at step {step}: stopped; the last good "
+    def end_step(self, step, row):  # a huge step can overflow the weights from a finite gradient
+        if not (row.pop("finite") and torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
+            raise ValueError(f"non-finite loss, gradient or weights at step {step}: stopped; the last good "
                              f"checkpoint in {self.folder} is untouched")
         row = all_mean(row, self.world)
         self.log({"step": step, **row})
@@ -457,7 +468,7 @@ def evaluation(cfg, run, rank, world, device, greedy=True):
             cached = json.load(f)
         if cached.get("key") == key:
             return cached
-    except (OSError, ValueError, AttributeError):  # none yet, or a corrupt cache: recomputed
+    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or a corrupt cache: recomputed
         pass
     t0 = time.perf_counter()
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
@@ -469,9 +480,7 @@ def evaluation(cfg, run, rank, world, device, greedy=True):
                          rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
     out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
     if rank == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(out, f)
-        os.replace(path + ".tmp", path)
+        atomic_write(path, json.dumps(out))
     return out
 
 
@@ -553,9 +562,9 @@ def findings(cfg, ev):
 
 
 def curve(path):
-    """A run's training curve from its step log, every step."""
-    with open(path) as f:
-        return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in map(json.loads, f)]
+    """A run's training curve from its step log, every step (none for a run copied without its log)."""
+    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+    return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in rows]
 
 
 def entries(cfg, ev):
@@ -612,8 +621,8 @@ def write_report(cfg, device, ev):
     md += ["\n## Sampled sweep (T = 1) under C (and the base with room); predicted: the truncation model\n",
            table(report, "sample"), "\n## Greedy sweep under C\n", table(report, "greedy"),
            "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
-    write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))
-    write(f"{cfg.out_dir}/report.md", "\n".join(md))
+    atomic_write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))
+    atomic_write(f"{cfg.out_dir}/report.md", "\n".join(md))
     return plot(report, f"{cfg.out_dir}/report.png")
 
 
@@ -672,27 +681,40 @@ def write_ablations(cfg, ev):
     aware = {"reached": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
              "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
                          f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}
-    write(f"{cfg.out_dir}/ablations.json", json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
-    write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "
+    atomic_write(f"{cfg.out_dir}/ablations.json", json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
+    atomic_write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "
           f"mean (min, max) over seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}; b and N vary in training only.\n\n"
           + "\n".join(out) + f"\n\n**Budget-aware BCR**: {'reached' if aware['reached'] else 'NOT reached'}: "
           f"{aware['evidence']}.\n")
 
 
-def write(path, text):
-    """Atomic: a kill or a full disk leaves the previous file whole."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def lock(out_dir):
+    """Held for the whole run: a second run's saves would interleave with this one's. The kernel
+    drops a flock when its process dies, so a killed run never leaves a stale lock."""
+    f = open(f"{out_dir}/.lock", "a+")  # not "w": a refused run must not wipe the holder's pid
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise ValueError(f"{out_dir}/ is in use by pid {f.read().strip() or '?'}: wait, or use another --out_dir")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def main(argv=None):
+    held = None
     try:
         cfg = parse_config(argv)
         rank, world, device = setup(cfg)
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
+        missing = [r for r in runs(cfg) if not os.path.exists(f"{cfg.out_dir}/{r}")] if cfg.stage == "report" else []
+        if missing:  # refused before anything is touched
+            raise ValueError(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
+        held = lock(cfg.out_dir) if rank == 0 else None  # torchrun's other ranks share rank 0's
         trains = {"all": ("bcr", "grpo", "lenpen"), "pretrain": (), "bcr": ("bcr",), "grpo": ("grpo",),
                   "lenpen": ("lenpen",), "ablations": ("bcr",)}  # the ablations compare with the default BCR
         if cfg.stage in trains:  # every training stage builds on a finished base: reused, resumed or made
@@ -717,6 +739,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
+        if held:  # now, not when a traceback holding this frame is freed: a test runs main again at once
+            held.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

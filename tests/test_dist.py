@@ -10,10 +10,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import bcr
-import model
 import sample
 import train
 from data import doc_rng, packed_prompts
+from model import new_optimizer
 from test_train import TINY, run, tiny  # noqa: F401  (the module-scoped tiny base)
 
 
@@ -99,7 +99,7 @@ def steps_job(rank, tiny, result):  # noqa: F811
     dist.init_process_group("gloo")
     model, tok, _ = sample.load_checkpoint(Path(tiny) / "base")
     cfg = train.parse_config(TINY + ["--decode=eager"])
-    opt = model.new_optimizer(model, 1e-3)
+    opt = new_optimizer(model, 1e-3)
     for step in range(3):
         groups = packed_prompts(doc_rng("steps", step), cfg, 4, 2)[rank::2]
         gen = torch.Generator().manual_seed(100 * step + rank)  # each rank samples its own rollouts

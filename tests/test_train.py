@@ -1,7 +1,11 @@
 """train.py end to end on a tiny config: stages, exact resume, atomic saves, refusals, bad input."""
+import builtins
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -150,7 +154,7 @@ def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny
     with pytest.raises(KeyboardInterrupt):
         train.save(str(tmp_path / "base"), net, tok, cfg, 99, False, model.new_optimizer(net, 1e-3), 0.0)
     monkeypatch.setattr(os, "replace", real)
-    train.recover(str(tmp_path / "base"))
+    model.recover(str(tmp_path / "base"))
     _, _, again = sample.load_checkpoint(tmp_path / "base")
     assert again["step"] == meta["step"] == 8  # the old checkpoint, whole and loadable
 
@@ -290,6 +294,8 @@ def corrupt(tiny, tmp_path, how):
         (d / "config.json").write_text(text)
     elif how == "json":
         (d / "config.json").write_text("{not json")
+    elif how == "deep":  # json.load recurses once per bracket
+        (d / "config.json").write_text("[" * 100_000)
     elif how == "tokenizer":
         (d / "tokenizer.json").write_text("[]")
     elif how in ("null", "n_head=0", "n_embd=-4", "n_layer=1.5"):  # valid JSON, not a model
@@ -350,7 +356,7 @@ def test_out_dir_that_is_a_file(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Not a directory" in err and str(f) in err, err
 
 
-TORCHRUN = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
+TORCHRUN = {"RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "localhost", "MASTER_PORT": "29999"}
 
 
 @pytest.mark.parametrize("env, why", [({"WORLD_SIZE": "2"}, "not torchrun's ('LOCAL_RANK')"),
@@ -365,7 +371,7 @@ def test_a_bad_process_environment_is_one_line(env, why, tiny, monkeypatch, caps
     assert len(err.splitlines()) == 1 and why in err, err
 
 
-@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "tokenizer", "null", "n_head=0",
+@pytest.mark.parametrize("how", ["missing", "garbage", "truncated", "shape", "json", "deep", "tokenizer", "null", "n_head=0",
                                  "n_embd=-4", "n_layer=1.5", "int64", "nan"])
 def test_bad_checkpoints_one_line_exit_2(how, tiny, tmp_path, capsys):
     d = corrupt(tiny, tmp_path, how)
@@ -401,3 +407,280 @@ def test_cli_subprocesses(tiny):
                 ["tests/bench.py", "--ckpt", "/nonexistent"]):
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, cmd
+
+
+# ----------------------------------------------------------------------------- reliability (issues #20, #21)
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    """A tiny pretraining killed in step 5: base holds step 3 (done: false), base.jsonl steps 0-4."""
+    out = tmp_path_factory.mktemp("half")
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, train, "pretrain_batch", 5)
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={out}", "--stage=pretrain"])
+    return out
+
+
+def unfinished(half, out):
+    """A copy of the half-trained base and its log in out; returns out."""
+    shutil.copytree(half / "base", out / "base")
+    shutil.copy(half / "base.jsonl", out / "base.jsonl")
+    return out
+
+
+def tree(folder):
+    """sha256 of every file under folder, by relative path; but .lock, which any run may make."""
+    return {os.path.relpath(f"{d}/{f}", folder): hashlib.sha256(open(f"{d}/{f}", "rb").read()).hexdigest()
+            for d, _, names in os.walk(folder) for f in names if f != ".lock"}
+
+
+def one_error(capsys, *words):
+    err = capsys.readouterr().err
+    lines = [x[x.index("error:"):] for x in err.splitlines() if "error:" in x]  # maybe after a progress bar
+    assert len(lines) == 1 and "Traceback" not in err and all(w in lines[0] for w in words), err
+    return lines[0]
+
+
+FULL_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "localhost",
+            "MASTER_PORT": "29999"}
+
+
+@pytest.mark.parametrize("env, why", [({"RANK": "1"}, "'LOCAL_RANK'"), ({"LOCAL_RANK": "0"}, "'RANK'"),
+                                      ({**FULL_ENV, "WORLD_SIZE": "0"}, "out of range"),
+                                      ({**FULL_ENV, "RANK": "1"}, "out of range"),
+                                      ({**FULL_ENV, "MASTER_PORT": "x"}, "invalid literal")])
+def test_a_partial_torchrun_environment_is_refused_before_any_work(env, why, tmp_path, monkeypatch, capsys):
+    """A stray RANK=1 used to train a process that never saves (only rank 0 saves); WORLD_SIZE=0
+    and a non-numeric MASTER_PORT crashed or were ignored."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert run(TINY + [f"--out_dir={tmp_path}/out", "--stage=pretrain"]) == 2
+    one_error(capsys, "not torchrun's", why)
+    assert not os.path.exists(tmp_path / "out")  # refused before even the folder is made
+
+
+def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_path, capsys):
+    out = unfinished(half, tmp_path)
+    before, log = digest(out / "base"), (out / "base.jsonl").read_bytes()
+    assert run(TINY + [f"--out_dir={out}", "--stage=eval", "--resume"]) == 2  # evaluating a half-trained base
+    one_error(capsys, "unfinished", "step 3")
+    assert digest(out / "base") == before and (out / "base.jsonl").read_bytes() == log
+    assert run(TINY + [f"--out_dir={out}", "--stage=bcr", "--resume"]) == 0  # the base is finished first
+    assert sample.load_checkpoint(out / "base")[2]["done"] and sample.load_checkpoint(out / "bcr-s1")[2]["done"]
+    a, b = weights(out / "base"), weights(tiny / "base")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_refused_resume_writes_nothing(half, tmp_path, capsys):
+    """A stale base.tmp that is not a folder failed the first save, after the log had been rewritten
+    and steps trained; it is now refused before any of that."""
+    out = unfinished(half, tmp_path)
+    (out / "base.tmp").write_text("not a checkpoint")
+    before = tree(out)
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 2
+    one_error(capsys, "base.tmp")
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("line", [b'{"step": 1, "loss": "\xff"}', b"[" * 100_000])
+def test_a_corrupt_resumed_log_line_is_one_line(line, half, tmp_path, capsys):
+    """A non-UTF-8 byte (UnicodeDecodeError) or deep nesting (RecursionError) in the log."""
+    out = unfinished(half, tmp_path)
+    rows = (out / "base.jsonl").read_bytes().splitlines(keepends=True)
+    (out / "base.jsonl").write_bytes(rows[0] + line + b"\n" + b"".join(rows[1:]))
+    before = tree(out)
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 2
+    one_error(capsys, "line 2 is corrupt")
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("where", ["safetensors", "tokenizer", "torch.save", "config.json"])
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, monkeypatch, capsys):
+    """The second save (step 6) finds the disk full: one line, step 3's checkpoint intact, no partial
+    base.tmp left to fill the disk."""
+    from safetensors import SafetensorError
+
+    import model
+    saves = []
+    real_save_file, real_torch_save, real_open = model.save_file, torch.save, builtins.open
+
+    def full(real, error):
+        def wrapped(*a, **k):
+            if len(saves) == 2:
+                raise error
+            return real(*a, **k)
+        return wrapped
+    monkeypatch.setattr(train, "save_model", lambda *a, **k: (saves.append(1), model.save_model(*a, **k)))
+    if where == "safetensors":
+        monkeypatch.setattr(model, "save_file", full(real_save_file, SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
+    elif where == "torch.save":  # what torch.save raises on a full disk
+        monkeypatch.setattr(torch, "save", full(real_torch_save, RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")))
+    elif where == "tokenizer":
+        real_build = train.build_tokenizer
+
+        class Tok:
+            def __init__(self):
+                self.tok = real_build()
+
+            def __getattr__(self, name):
+                return getattr(self.tok, name)
+
+            def save(self, path):
+                if len(saves) == 2:
+                    raise Exception("No space left on device (os error 28)")  # tokenizers' bare Exception
+                self.tok.save(path)
+        monkeypatch.setattr(train, "build_tokenizer", Tok)
+    else:
+        def opener(path, *a, **k):
+            if str(path).endswith("base.tmp/config.json") and len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(builtins, "open", opener)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
+    one_error(capsys, "cannot write a checkpoint", "untouched")
+    monkeypatch.undo()
+    assert sample.load_checkpoint(tmp_path / "base")[2]["step"] == 3
+    assert not os.path.exists(tmp_path / "base.tmp")
+
+
+def test_an_out_dir_that_is_not_utf8_is_refused_before_training(tmp_path, capsys):
+    """The tokenizer's file is saved by a UTF-8 name: such a folder used to fail at the first save."""
+    out = f"{tmp_path}/o{os.fsdecode(bytes([0xff]))}"
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain"]) == 2
+    one_error(capsys, "out_dir", "UTF-8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_kill_while_the_log_is_rewritten_leaves_it_whole(half, tmp_path, monkeypatch):
+    out = unfinished(half, tmp_path)
+    log = (out / "base.jsonl").read_bytes()
+    real_open = builtins.open
+
+    def dying_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if "w" in mode and os.path.basename(str(path)).startswith("base.jsonl"):
+            f.close()
+            raise KeyboardInterrupt  # killed once the file is opened for writing (and truncated)
+        return f
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", dying_open)
+        with pytest.raises(KeyboardInterrupt):
+            run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"])
+    assert (out / "base.jsonl").read_bytes() == log
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in open(out / "base.jsonl")] == list(range(8))
+
+
+def test_a_full_disk_while_writing_the_report_keeps_the_last_one(tiny, tmp_path, monkeypatch, capsys):
+    """The RL runs here are copies of the tiny base: under TINY its saved config is every stage's."""
+    for run_ in ("base", "bcr-s1", "grpo-s1", "lenpen-s1"):
+        shutil.copytree(tiny / "base", tmp_path / run_)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 0
+    before = tree(tmp_path)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def opener(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return FullDisk(f) if "w" in mode and os.path.basename(str(path)).startswith("report.") else f
+    monkeypatch.setattr(builtins, "open", opener)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 2
+    monkeypatch.undo()
+    one_error(capsys, "No space left on device")
+    after = tree(tmp_path)
+    assert {k: after[k] for k in before} == before  # only a report.json.tmp may be new
+    assert json.load(open(tmp_path / "report.json"))["runs"]
+
+
+def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path, monkeypatch, capsys):
+    """Killed between the two renames, a save leaves only base.old and base.tmp: sample.py (not only
+    train.py) must load base.old as the checkpoint."""
+    shutil.copytree(tiny / "base", tmp_path / "base")
+    model, tok, _ = sample.load_checkpoint(tmp_path / "base")
+    real = os.replace
+    calls = []
+
+    def dying_replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", dying_replace)
+        with pytest.raises(KeyboardInterrupt):
+            train.save(str(tmp_path / "base"), model, tok, train.parse_config(TINY), 99, False,
+                       train.new_optimizer(model, 1e-3), 0.0)
+    assert sorted(os.listdir(tmp_path)) == ["base.old", "base.tmp"]
+    sample.main(["--ckpt", str(tmp_path / "base"), "--problems", "1+2"])  # no SystemExit
+    assert "problem 1: 1+2" in capsys.readouterr().out
+
+
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, capsys):
+    """lr 1e38: the loss and the gradient of step 0 are finite, the AdamW step overflows the weights;
+    with a save after every step they used to be saved, and neither sample.py nor --resume loads them."""
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0", "--pt_lr=1e38",
+                       "--save_every=1"]) == 2
+    assert one_error(capsys, "non-finite", "step 0", "untouched")
+    assert not os.path.exists(tmp_path / "base")
+
+
+def test_one_out_dir_one_run(tmp_path, monkeypatch, capsys):
+    """A second run into a folder in use is refused while the first goes on; a killed run's lock goes
+    with it (a flock), though its .lock file stays."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "f = open(sys.argv[1] + '/.lock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = digest(tmp_path)
+        assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
+        one_error(capsys, f"is in use by pid {holder.pid}")
+        assert digest(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    second, real = [], train.pretrain_batch
+
+    def meanwhile(*args):  # a second run starts while the first is in step 1
+        if args[2] == 1 and not second:
+            second.append(run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]))
+        return real(*args)
+    monkeypatch.setattr(train, "pretrain_batch", meanwhile)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 0 and second == [2]
+    one_error(capsys, f"is in use by pid {os.getpid()}")
+    assert sample.load_checkpoint(tmp_path / "base")[2]["done"]
+    with open(tmp_path / ".lock") as f:  # released when the run ended
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_symlinked_checkpoint_folder_saves_and_resumes(half, tiny, tmp_path):
+    """out/base -> elsewhere/base: the first save used to rename the link away and the second fail."""
+    out, real = tmp_path / "out", tmp_path / "elsewhere"
+    unfinished(half, out)
+    real.mkdir()
+    shutil.move(out / "base", real / "base")
+    os.symlink(real / "base", out / "base")
+    assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0  # saves at steps 6 and 8
+    assert (out / "base").is_symlink() and sorted(os.listdir(real)) == ["base"]
+    assert not os.path.lexists(out / "base.old") and sample.load_checkpoint(out / "base")[2]["done"]
+    a, b = weights(out / "base"), weights(tiny / "base")
+    assert all(torch.equal(a[k], b[k]) for k in a)
