@@ -475,7 +475,7 @@ def evaluation(cfg, run, rank, world, device, greedy=True):
     problems, C, Ns = eval_problems(cfg), bcr.budget(cfg), eval_Ns(cfg)
     room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))
     plan = [(N, C, t) for t in (cfg.temperature, 0.0)[:1 + greedy] for N in Ns]
-    plan += [(N, room, cfg.temperature) for N in Ns] if run == "base" else []
+    plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []  # its targets' Ns
     rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, decode_mode(cfg, device),
                          rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
     out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
@@ -591,7 +591,7 @@ def table(report, decoding):
         pred = {p["N"]: p for p in e["predicted"]}
         for r in e["eval"] + e["eval_room"]:
             if r["decoding"] == decoding:
-                p = pred.get(r["N"]) if not r.get("room") else None
+                p = pred.get(r["N"]) if decoding == "sample" and not r.get("room") else None
                 out.append(f"| {e['name']}{' (room)' if r.get('room') else ''} | {e['seed'] or '-'} | {r['N']} | "
                            f"{r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
                            + (f"{p['acc']:.3f}, {p['tokens_per_problem']:.1f}" if p else "-") +
