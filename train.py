@@ -190,7 +190,7 @@ def validate(cfg):
            (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
             "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
            (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report (N = 1 findings)"),
-           (min(cfg.b, C) >= shortest, f"--b={cfg.b} or --C={C} cannot hold even one concise answer ({shortest} tokens)"),
+           (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold even one concise answer ({shortest} tokens)"),
            (longest + max(C, cap) <= cfg.block_size,
             f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")])
 
