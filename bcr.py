@@ -9,9 +9,7 @@ What one BCR step does here:
 3. Reward = the share of the N problems answered correctly, plus a small format term (the paper
    has one too): format_bonus if the completion is exactly N labelled answers, then <eos>. A
    problem the cap cut off scores 0, the ones answered before keep their credit. No length term.
-   (Without the format term, tokens after the last answer cost nothing. Measured at the defaults,
-   seed 1, format_bonus=0 ended BCR at 0.945 sampled accuracy at N=1 instead of 0.973: a small
-   help, one seed, kept as the default.)
+   (Without the format term, tokens after the last answer would cost nothing.)
 4. GRPO: advantages normalised within each group of G samples of the same prompt, one on-policy
    policy-gradient step on -A * log p(token), averaged over all completion tokens of the batch.
 
@@ -26,11 +24,14 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
 - variants worth ablating are switches: std_norm=False (REINFORCE with a group-mean baseline,
   Dr. GRPO style), token_mean=False (mean per sequence, then over sequences), slot_credit=True
   (problem k's advantage on the tokens that answer problem k, instead of one shared advantage),
-  and lenpen > 0, the explicit length penalty r = acc - lenpen*|y|/cap the paper reports collapses.
+  and lenpen > 0, the explicit length penalty r = acc - lenpen*|y|/cap the paper reports collapses;
+- beyond the paper, task "mix" (budget-aware BCR): N drawn per prompt from 1..max_N under the one
+  cap C, to see whether a model learns to spend per problem what C/N allows.
 
 The N-sweep evaluation (evaluate) is here too: N problems per prompt under one shared completion
-budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem,
-truncation and accuracy by slot.
+budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem, the share
+of problems answered directly (no steps), truncation and accuracy by slot; and predict(), the
+truncation model that says what the sweep would be if a model never adapted to N.
 """
 import math
 import time
@@ -205,7 +206,7 @@ def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode
              rank=0, world=1):
     """Solve `problems` N at a time (ceil(len/N) prompts, reusing the first ones to fill the last
     prompt) under a completion budget; with several processes each takes every world-th prompt
-    and the results are gathered. Returns one report row (see DESIGN.md section 5)."""
+    and the results are gathered. Returns one report row (train.py's report.json keeps them)."""
     model.eval()
     device = model.wte.weight.device
     n_prompts = math.ceil(len(problems) / N)

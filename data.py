@@ -3,8 +3,11 @@ Synthetic arithmetic for nanoBCR: problems, verbose step-by-step traces, the tok
 
 A packed prompt holds N problems, one per line; the completion solves them in order, one
 necessary step per digit column (right to left, carries and borrows explicit), then a labelled
-answer. The verbose "base" style adds redundant re-check loops after a step ("chk <step>",
-repeated a geometric number of times): the toy's "wait, let me check again".
+answer. The base's style (solution) adds three habits: redundant re-check loops after a step
+("chk <step>", repeated a geometric number of times: the toy's "wait, let me check again"), rare
+runaway loops (a degenerate trace), and direct answers with no steps at all ("Q1:47+85 A1:132"):
+the shorter, riskier strategy, reliable on one column, error-prone on carried ones. So there is a
+real trade-off to learn: the loops are pure waste, but the steps are not.
 
     prompt      Q1:47+85          completion   Q1:47+85 7+5=12 chk 7+5=12 4+8+1=13 A1:132
                 Q2:52-17                       Q2:52-17 12-7=5 5-1-1=3 A2:35
@@ -204,12 +207,11 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
     This rank takes every world-th document. targets are -1 on prompt and pad positions: the loss
     is only on the completion (the minGPT adder's trick). Returns a list of micro-batches and the
     number of target tokens in the whole global batch (the loss normaliser)."""
-    # Two curricula (README: the first measured, the second a design choice). The largest N grows from
-    # 2 to max_N over the first pt_grow_N of the steps: finding problem k among many is the slow
-    # part, learned faster when met gradually than when met at once. And
-    # until pt_concise of the steps, only a quarter of the documents are verbose (concise ones
-    # cost half the tokens per problem, so the arithmetic is learned twice as fast); after it all
-    # are, as the paper's bases are capable models distilled on verbose long-CoT traces.
+    # Two curricula. The largest N grows from 2 to max_N over the first pt_grow_N of the steps:
+    # finding problem k among many is the slow part, learned faster when met gradually than at
+    # once. And until pt_concise of the steps only a quarter of the documents are verbose (concise
+    # ones cost fewer tokens per problem, so the arithmetic is learned faster); after it all are,
+    # as the paper's bases are capable models distilled on verbose long-CoT traces.
     grow = (cfg.max_N - 2) * step / max(1.0, cfg.pt_grow_N * cfg.pt_steps)
     p_verbose = 1.0 if step >= cfg.pt_concise * cfg.pt_steps else 0.25
     rng = doc_rng(cfg.base_seed, step)

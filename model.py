@@ -13,7 +13,8 @@ it, so RoPE it is. Beside the tokens, the model reads a segment index: which pro
 a token belongs to (prompt line k and solution k are both segment k, data.segments). A real LLM
 finds "### Problem k" in its context without help; a 0.8M-parameter model trained for minutes
 learns that lookup slowly and loses it when RL moves the solutions around (the last problems
-of a long prompt were mostly lost without it), so the segment stands in for that skill. It is an embedding added to the token's, like BERT's segment embeddings.
+of a long prompt were mostly lost without it), so the segment stands in for that skill. It is an
+embedding added to the token's, like BERT's segment embeddings.
 A checkpoint is a folder: model.safetensors + config.json (+ tokenizer.json, written by data.py).
 """
 import contextlib
@@ -113,14 +114,14 @@ class Attention(nn.Module):
         k, v = k.to(q.dtype), v.to(q.dtype)
         if T == 1 and cache is not None:
             # decoding one token: mask is additive (B, 1, 1, S), 0 or -inf. Two small batched
-            # matmuls beat the fused kernel for one query at this size (measured on CPU)
+            # matmuls beat the fused kernel for one query at this size on CPU
             nh, S, hd = self.n_head, k.shape[2], C // self.n_head
             att = torch.baddbmm(mask.expand(B, nh, 1, S).flatten(0, 1).to(q.dtype), q.flatten(0, 1),
                                 k.flatten(0, 1).transpose(1, 2), alpha=hd ** -0.5)  # (B*nh, 1, S)
             y = torch.bmm(att.softmax(-1), v.flatten(0, 1)).view(B, nh, 1, hd)
         else:  # mask None: plain causal (training); else (B, 1, T, S) bool, True = may attend
             # CPU bf16 attention is slower than fp32 (its backward most of all): under CPU autocast
-            # (the RL update) it runs in fp32, without which the bf16 update gained nothing (measured)
+            # (the RL update) it runs in fp32, without which the bf16 update gains nothing
             if torch.is_autocast_enabled("cpu"):
                 q, k, v = q.float(), k.float(), v.float()
             with torch.autocast("cpu", enabled=False):

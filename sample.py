@@ -212,7 +212,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     try:
         args = ap.parse_args(argv)
-        checks = [(args.temperature == 0 or 0.01 <= args.temperature <= 100, "--temperature: 0 (greedy) or 0.01 to 100"),
+        checks = [(args.temperature == 0 or 0.01 <= args.temperature <= 100,
+                   "--temperature: 0 (greedy) or 0.01 to 100"),
                   (min(args.top_k, args.max_new, args.seed) >= 0 and args.seed < 2 ** 63,
                    "--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")]
         for ok, why in checks:

@@ -159,9 +159,11 @@ def eval_Ns(cfg):
     return [int(x) for x in cfg.eval_Ns.split(",")]
 
 
-AT_LEAST = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every pt_max_pad "
-                       "max_loops", 0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl "
-                                       "lenpen grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
+AT_LEAST = {2: "G",
+            1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every pt_max_pad "
+               "max_loops",
+            0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl lenpen grad_clip p_loop "
+               "p_again p_direct p_runaway pt_grow_N pt_concise"}
 
 
 def validate(cfg):
@@ -171,8 +173,10 @@ def validate(cfg):
         for ok, why in table:
             if not ok:
                 raise ValueError(why)
-    check([(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")), "--eval_Ns: integers, comma-separated"),
-           *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite") for f in fields(cfg) if f.type is float],
+    check([(all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(",")),
+            "--eval_Ns: integers, comma-separated"),
+           *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
+             for f in fields(cfg) if f.type is float],
            *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, ks in AT_LEAST.items() for k in ks.split()],
            (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
             "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
@@ -189,8 +193,8 @@ def validate(cfg):
     check([(1 <= min(cfg.N, cfg.max_N, *Ns) and max(cfg.N, cfg.max_N, *Ns) <= 14, "N, max_N and eval N: 1 to 14"),
            (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
             "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
-           (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report (N = 1 findings)"),
-           (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold even one concise answer ({shortest} tokens)"),
+           (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report"),
+           (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold one concise answer ({shortest} tokens)"),
            (longest + max(C, cap) <= cfg.block_size,
             f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")])
 
@@ -537,18 +541,22 @@ def findings(cfg, ev):
         f["grpo_loops"].append(ratio(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"], b1["loops_per_problem"]))
         f["lp_acc"].append(pick(lp, 1)["acc"] - b1["acc"])
         f["lp_tok"].append(ratio(pick(lp, 1)["tokens_per_problem"], b1["tokens_per_problem"]))
-    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns) for s in seeds)
+    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns)
+                     for s in seeds)
     collapsed = sum(a < -0.10 for a in f["lp_acc"])
     return {
         "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
                        "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
                                    f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
                                    f"(target >= -0.01)"},
-        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk) for k, lk in zip(f["keep"], f["lp_keep"])),
-                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = {bcr.budget(cfg)}: "
+        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk)
+                                                             for k, lk in zip(f["keep"], f["lp_keep"])),
+                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = "
+                                    f"{bcr.budget(cfg)}: "
                                     f"{tpp} (one list per seed), non-increasing for {sum(f['mono'])} of "
                                     f"{len(f['mono'])} seeds; accuracy kept from N=1 to N={max(Ns)}: BCR "
-                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty {spread(f['lp_keep'])} "
+                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty "
+                                    f"{spread(f['lp_keep'])} "
                                     f"(target: BCR above both; base accuracy at N={max(Ns)} {bN['acc']:.3f})"},
         "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
                          "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
@@ -595,7 +603,8 @@ def table(report, decoding):
                 out.append(f"| {e['name']}{' (room)' if r.get('room') else ''} | {e['seed'] or '-'} | {r['N']} | "
                            f"{r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
                            + (f"{p['acc']:.3f}, {p['tokens_per_problem']:.1f}" if p else "-") +
-                           f" | {r['direct_share']:.2f} | {r['loops_per_problem']:.2f} | {r['steps_per_problem']:.2f} | "
+                           f" | {r['direct_share']:.2f} | {r['loops_per_problem']:.2f} | "
+                           f"{r['steps_per_problem']:.2f} | "
                            f"{r['truncation_rate']:.2f} | " + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
     return "\n".join(out)
 
@@ -674,14 +683,17 @@ def write_ablations(cfg, ev):
                 (one, "acc", "{:.3f}"), (one, "tokens_per_problem", "{:.1f}"), (one, "direct_share", "{:.2f}"),
                 (one, "loops_per_problem", "{:.2f}"), (top, "acc", "{:.3f}"), (top, "tokens_per_problem", "{:.1f}"),
                 (top, "truncation_rate", "{:.2f}"))]
-            cells.append(spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)], "{:.2f}"))
+            cells.append(spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)],
+                                "{:.2f}"))
             out.append(f"| {name} | {what[name]} | " + " | ".join(cells) + " |")
     mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
-    shrink, cut = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix], [a["truncation_rate"] for a, _ in mix]
+    shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
+    cut = [a["truncation_rate"] for a, _ in mix]
     aware = {"reached": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
              "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
                          f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}
-    atomic_write(f"{cfg.out_dir}/ablations.json", json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
+    atomic_write(f"{cfg.out_dir}/ablations.json",
+                 json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
     atomic_write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "
           f"mean (min, max) over seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}; b and N vary in training only.\n\n"
           + "\n".join(out) + f"\n\n**Budget-aware BCR**: {'reached' if aware['reached'] else 'NOT reached'}: "
