@@ -662,7 +662,7 @@ def plot(report, path):
                          "RL training accuracy (rollouts), first seed")):
         a.set_title(t, fontsize=10)
         a.legend(fontsize=8)
-    ax[1].set_ylim(0, None)
+    ax[1].set_ylim(0, 1.25 * max(max(line.get_ydata()) for line in ax[1].lines[:-1]))  # C / N off the top
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
