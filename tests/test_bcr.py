@@ -1,4 +1,5 @@
 """Advantages, per-token credit, the policy-gradient loss and its variants, packing under the cap."""
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -156,3 +157,20 @@ def test_each_run_trains_on_its_own_batch():
     mixed = rl_batch("mix", c, 1, 0)
     assert len({len(g) for g in mixed}) >= 6 and max(map(len, mixed)) <= 8
     assert rl_batch("mix", c, 1, 5) == rl_batch("mix", c, 1, 5) != rl_batch("mix", c, 2, 5)  # pure in (seed, step)
+
+
+def test_the_default_sweep_covers_slack_binding_and_starved_budgets():
+    """With the default flags, C/N runs from room for the verbose base's traces (N = 1) to less than
+    the loop-free trace (largest N), through the BCR training budget b: the sweep can show whether a
+    model adapts. Lengths from the base's own style on the eval problems (runaways aside)."""
+    import random
+    import train
+    from bcr import budget
+    cfg = train.parse_config([])
+    C, Ns, probs = budget(cfg), train.eval_Ns(cfg), train.eval_problems(cfg)
+    rng = random.Random(0)
+    loop_free = sum(len(solution(p, 1)) + 1 for p in probs) / len(probs)
+    stepped = replace(cfg, p_direct=0.0, p_runaway=0.0)
+    verbose = sum(len(solution(p, 1, rng, stepped)) + 1 for p in probs) / len(probs)
+    assert C / Ns[0] > 2 * verbose > verbose > cfg.b > loop_free > C / Ns[-1]
+    assert any(C / N < verbose for N in Ns) and sum(C / N >= loop_free for N in Ns) >= 3
