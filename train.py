@@ -181,6 +181,7 @@ def validate(cfg):
            (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
             "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
            (max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31"),
+           (max(cfg.pt_lr, cfg.pt_muon_lr, cfg.rl_lr) <= 10, "--pt_lr, --pt_muon_lr and --rl_lr must be at most 10"),
            (cfg.max_digits <= 18, "--max_digits must be at most 18"),
            (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature must be 0 (greedy) or 0.01 to 100"),
            (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),

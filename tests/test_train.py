@@ -317,7 +317,7 @@ BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=
              ["--rl_lr=nan"], ["--pt_lr=inf"], ["--kl=-1"], ["--pt_concise=7"], ["--max_digits=5000"],
              ["--seed=100000000000000000000"], ["--eval_Ns=1,\u00b2"], ["--device=foo"], ["--device=cuda:99"],
              ["--eval_Ns=2,1"], ["--eval_Ns=2", "--stage=report"], ["--eval_problems=1"], ["--temperature=1e300"],
-             ["--temperature=0.001"]]
+             ["--temperature=0.001"], ["--pt_lr=1e38"]]
 
 
 @pytest.mark.parametrize("argv", BAD_TRAIN)
