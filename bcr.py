@@ -30,10 +30,12 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
 
 The N-sweep evaluation (evaluate) is here too: N problems per prompt under one shared completion
 budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem, the share
-of problems answered directly (no steps), truncation and accuracy by slot; and predict(), the
-truncation model that says what the sweep would be if a model never adapted to N.
+of problems answered directly (no steps), truncation and accuracy by slot; predict(), the
+truncation model that says what the sweep would be if a model never adapted to N; and findings(),
+the paper's four claims checked against the sweeps, each with a target that could fail.
 """
 import math
+import statistics
 import time
 
 import torch
@@ -264,3 +266,71 @@ def predict(samples, C, Ns):
             used = (S * (torch.arange(C + 1) + 1).clamp(max=C)).sum().item() + (1 - S.sum().item()) * C
             out.append({"N": N, "acc": acc / N, "tokens_per_problem": used / N})
     return out
+
+
+# ----------------------------------------------------------------------------- the paper's claims
+
+def pick(rows, N, decoding="sample"):
+    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding and not r.get("room"))
+
+
+def ratio(a, b):
+    return a / b if b else float("nan")  # nan (never "reproduced") when the base has none, e.g. a smoke run
+
+
+def spread(xs, fmt="{:.3f}"):
+    return fmt.format(statistics.mean(xs)) + (f" ({fmt.format(min(xs))}, {fmt.format(max(xs))})" if len(xs) > 1 else "")
+
+
+def non_increasing(rows):
+    """Tokens per problem never rise over the sweep, where a rise under twice its standard error is noise."""
+    return all(b["tokens_per_problem"] - a["tokens_per_problem"] <= 2 * math.hypot(
+        a["tokens_per_problem_se"], b["tokens_per_problem_se"]) for a, b in zip(rows, rows[1:]))
+
+
+def findings(cfg, ev):
+    """The paper's four claims, each checked on every seed against a target that could fail."""
+    Ns, seeds = [int(x) for x in cfg.eval_Ns.split(",")], range(cfg.seed, cfg.seed + cfg.seeds)
+    base = ev["base"]["rows"]
+    b1, bN = pick(base, 1), pick(base, max(Ns))
+    keep = lambda rows: pick(rows, max(Ns))["acc"] / max(pick(rows, 1)["acc"], 1e-9)  # noqa: E731 (acc kept to N max)
+    f = {k: [] for k in ("tok", "acc", "loops", "steps", "mono", "keep", "lp_keep", "grpo_loops", "lp_acc", "lp_tok")}
+    for s in seeds:
+        r, lp = ev[f"bcr-s{s}"]["rows"], ev[f"lenpen-s{s}"]["rows"]
+        x1 = pick(r, 1)
+        f["tok"].append(ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]))
+        f["acc"].append(x1["acc"] - b1["acc"])
+        f["loops"].append(ratio(x1["loops_per_problem"], b1["loops_per_problem"]))
+        f["steps"].append(ratio(x1["steps_per_problem"], b1["steps_per_problem"]))
+        f["mono"].append(non_increasing([pick(r, N) for N in Ns]))
+        f["keep"].append(keep(r))
+        f["lp_keep"].append(keep(lp))
+        f["grpo_loops"].append(ratio(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"], b1["loops_per_problem"]))
+        f["lp_acc"].append(pick(lp, 1)["acc"] - b1["acc"])
+        f["lp_tok"].append(ratio(pick(lp, 1)["tokens_per_problem"], b1["tokens_per_problem"]))
+    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns)
+                     for s in seeds)
+    collapsed = sum(a < -0.10 for a in f["lp_acc"])
+    return {
+        "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
+                       "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
+                                   f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
+                                   f"(target >= -0.01)"},
+        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk)
+                                                             for k, lk in zip(f["keep"], f["lp_keep"])),
+                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = "
+                                    f"{budget(cfg)}: "
+                                    f"{tpp} (one list per seed), non-increasing for {sum(f['mono'])} of "
+                                    f"{len(f['mono'])} seeds; accuracy kept from N=1 to N={max(Ns)}: BCR "
+                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty "
+                                    f"{spread(f['lp_keep'])} "
+                                    f"(target: BCR above both; base accuracy at N={max(Ns)} {bN['acc']:.3f})"},
+        "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
+                         "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
+                                     f"(target <= 0.05); necessary steps {spread(f['steps'])} x (target >= 0.99); "
+                                     f"the vanilla-GRPO control keeps {spread(f['grpo_loops'])} x the base's loops"},
+        "length_penalty": {"reproduced": collapsed == len(f["lp_acc"]),
+                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{budget(cfg)} at N=1, accuracy vs the "
+                                       f"base: {spread(f['lp_acc'], '{:+.3f}')}, tokens {spread(f['lp_tok'])} x the "
+                                       f"base's; collapsed in {collapsed} of {len(f['lp_acc'])} seeds "
+                                       f"(collapse: more than 10 points of accuracy lost)"}}

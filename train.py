@@ -504,72 +504,6 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy=True):
 
 # ----------------------------------------------------------------------------- report
 
-def pick(rows, N, decoding="sample"):
-    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding and not r.get("room"))
-
-
-def ratio(a, b):
-    return a / b if b else float("nan")  # nan (never "reproduced") when the base has none, e.g. a smoke run
-
-
-def spread(xs, fmt="{:.3f}"):
-    return fmt.format(statistics.mean(xs)) + (f" ({fmt.format(min(xs))}, {fmt.format(max(xs))})" if len(xs) > 1 else "")
-
-
-def non_increasing(rows):
-    """Tokens per problem never rise over the sweep, where a rise under twice its standard error is noise."""
-    return all(b["tokens_per_problem"] - a["tokens_per_problem"] <= 2 * math.hypot(
-        a["tokens_per_problem_se"], b["tokens_per_problem_se"]) for a, b in zip(rows, rows[1:]))
-
-
-def findings(cfg, ev):
-    """The paper's four claims, each checked on every seed against a target that could fail."""
-    Ns, seeds = eval_Ns(cfg), range(cfg.seed, cfg.seed + cfg.seeds)
-    base = ev["base"]["rows"]
-    b1, bN = pick(base, 1), pick(base, max(Ns))
-    keep = lambda rows: pick(rows, max(Ns))["acc"] / max(pick(rows, 1)["acc"], 1e-9)  # noqa: E731 (acc kept to N max)
-    f = {k: [] for k in ("tok", "acc", "loops", "steps", "mono", "keep", "lp_keep", "grpo_loops", "lp_acc", "lp_tok")}
-    for s in seeds:
-        r, lp = ev[f"bcr-s{s}"]["rows"], ev[f"lenpen-s{s}"]["rows"]
-        x1 = pick(r, 1)
-        f["tok"].append(ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]))
-        f["acc"].append(x1["acc"] - b1["acc"])
-        f["loops"].append(ratio(x1["loops_per_problem"], b1["loops_per_problem"]))
-        f["steps"].append(ratio(x1["steps_per_problem"], b1["steps_per_problem"]))
-        f["mono"].append(non_increasing([pick(r, N) for N in Ns]))
-        f["keep"].append(keep(r))
-        f["lp_keep"].append(keep(lp))
-        f["grpo_loops"].append(ratio(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"], b1["loops_per_problem"]))
-        f["lp_acc"].append(pick(lp, 1)["acc"] - b1["acc"])
-        f["lp_tok"].append(ratio(pick(lp, 1)["tokens_per_problem"], b1["tokens_per_problem"]))
-    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns)
-                     for s in seeds)
-    collapsed = sum(a < -0.10 for a in f["lp_acc"])
-    return {
-        "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
-                       "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
-                                   f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
-                                   f"(target >= -0.01)"},
-        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk)
-                                                             for k, lk in zip(f["keep"], f["lp_keep"])),
-                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = "
-                                    f"{bcr.budget(cfg)}: "
-                                    f"{tpp} (one list per seed), non-increasing for {sum(f['mono'])} of "
-                                    f"{len(f['mono'])} seeds; accuracy kept from N=1 to N={max(Ns)}: BCR "
-                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty "
-                                    f"{spread(f['lp_keep'])} "
-                                    f"(target: BCR above both; base accuracy at N={max(Ns)} {bN['acc']:.3f})"},
-        "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
-                         "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
-                                     f"(target <= 0.05); necessary steps {spread(f['steps'])} x (target >= 0.99); "
-                                     f"the vanilla-GRPO control keeps {spread(f['grpo_loops'])} x the base's loops"},
-        "length_penalty": {"reproduced": collapsed == len(f["lp_acc"]),
-                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{bcr.budget(cfg)} at N=1, accuracy vs the "
-                                       f"base: {spread(f['lp_acc'], '{:+.3f}')}, tokens {spread(f['lp_tok'])} x the "
-                                       f"base's; collapsed in {collapsed} of {len(f['lp_acc'])} seeds "
-                                       f"(collapse: more than 10 points of accuracy lost)"}}
-
-
 def curve(path):
     """A run's training curve from its step log, every step (none for a run copied without its log)."""
     rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
@@ -584,7 +518,7 @@ def entries(cfg, ev):
         name, _, seed = run.removeprefix("abl-").rpartition("-s") if run != "base" else ("base", "", "")
         room = [dict(r, room=True) for r in rows["rows"] if r["budget"] != bcr.budget(cfg)]
         sweep = [r for r in rows["rows"] if r["budget"] == bcr.budget(cfg)]
-        one = pick(sweep, 1)
+        one = bcr.pick(sweep, 1)
         out.append({"name": name, "seed": int(seed) if seed else None, "eval": sweep, "eval_room": room,
                     "free_lunch": {k: one[k] for k in ("budget", "acc", "tokens_per_problem", "loops_per_problem",
                                                         "steps_per_problem", "direct_share")},
@@ -619,8 +553,8 @@ def write_report(cfg, device, ev):
     report = {"config": asdict(cfg), "device": f"{name}, RL update in "
               f"{'bf16' if update_bf16(cfg.update_dtype, device) else 'fp32'}",
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "wall_s": wall, "runs": entries(cfg, ev), "findings": findings(cfg, ev),
-              # the yardsticks: the loop-free trace of the eval problems, and the direct answer, <eos> included
+              "wall_s": wall, "runs": entries(cfg, ev), "findings": bcr.findings(cfg, ev),
+              # the yardstick: the loop-free trace of the eval problems, <eos> included
               "concise_tokens_per_problem": statistics.mean(len(solution(p, 1)) + 1 for p in eval_problems(cfg))}
     md = [f"# nanoBCR report\n\ntorch {report['versions']['torch']} on {report['device']}; wall time (s): "
           + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + f"; the loop-free trace of the eval problems: "
@@ -650,7 +584,7 @@ def plot(report, path):
         es = [e for e in report["runs"] if e["name"] == name]
         Ns = [r["N"] for r in es[0]["eval"] if r["decoding"] == "sample"]
         for j, key in enumerate(("acc", "tokens_per_problem")):
-            y = [statistics.mean(pick(e["eval"], N)[key] for e in es) for N in Ns]
+            y = [statistics.mean(bcr.pick(e["eval"], N)[key] for e in es) for N in Ns]
             ax[j].plot(Ns, y, "o-", color=f"C{i}", label=name)
             if name == "bcr":
                 pred = [statistics.mean(p[key] for e in es for p in e["predicted"] if p["N"] == N) for N in Ns]
@@ -679,20 +613,20 @@ def write_ablations(cfg, ev):
     for name in what:
         sel = [e for e in es if e["name"] == name]
         if sel:
-            one, top = [pick(e["eval"], 1) for e in sel], [pick(e["eval"], Nmax) for e in sel]
-            cells = [spread([r[k] for r in rows], fmt) for rows, k, fmt in (
+            one, top = [bcr.pick(e["eval"], 1) for e in sel], [bcr.pick(e["eval"], Nmax) for e in sel]
+            cells = [bcr.spread([r[k] for r in rows], fmt) for rows, k, fmt in (
                 (one, "acc", "{:.3f}"), (one, "tokens_per_problem", "{:.1f}"), (one, "direct_share", "{:.2f}"),
                 (one, "loops_per_problem", "{:.2f}"), (top, "acc", "{:.3f}"), (top, "tokens_per_problem", "{:.1f}"),
                 (top, "truncation_rate", "{:.2f}"))]
-            cells.append(spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)],
+            cells.append(bcr.spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)],
                                 "{:.2f}"))
             out.append(f"| {name} | {what[name]} | " + " | ".join(cells) + " |")
-    mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
+    mix = [(bcr.pick(e["eval"], Nmax), bcr.pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
     shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
     cut = [a["truncation_rate"] for a, _ in mix]
     aware = {"reached": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
-             "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
-                         f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}
+             "evidence": f"budget-aware BCR (mix) spends {bcr.spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
+                         f"(target <= 0.8) with truncation {bcr.spread(cut)} (target <= 0.10)"}
     atomic_write(f"{cfg.out_dir}/ablations.json",
                  json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
     atomic_write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "

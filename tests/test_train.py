@@ -255,7 +255,7 @@ def test_findings_survive_a_base_with_nothing_to_compare():
                           "tokens_per_problem_se": 0.0, "loops_per_problem": 0.0, "steps_per_problem": steps}
                          for N in train.eval_Ns(cfg)]}
     ev = {"base": rows(0.0, 0.0), **{f"{k}-s{cfg.seed}": rows(5.0, 1.0) for k in ("bcr", "grpo", "lenpen")}}
-    f = train.findings(cfg, ev)
+    f = bcr.findings(cfg, ev)
     assert not any(v["reproduced"] for v in f.values())
     assert "nan" in f["loops_vanish"]["evidence"] and "nan" in f["free_lunch"]["evidence"]
 
@@ -271,10 +271,10 @@ def test_length_penalty_finding_counts_collapsed_seeds():
                          for N in train.eval_Ns(cfg)]}
     ev = {"base": rows(1.0), **{f"{k}-s{s}": rows(1.0) for k in ("bcr", "grpo") for s in (1, 2, 3)},
           "lenpen-s1": rows(0.8), "lenpen-s2": rows(0.85), "lenpen-s3": rows(1.0)}
-    lp = train.findings(cfg, ev)["length_penalty"]
+    lp = bcr.findings(cfg, ev)["length_penalty"]
     assert not lp["reproduced"] and "collapsed in 2 of 3 seeds" in lp["evidence"]
     ev["lenpen-s3"] = rows(0.5)
-    lp = train.findings(cfg, ev)["length_penalty"]
+    lp = bcr.findings(cfg, ev)["length_penalty"]
     assert lp["reproduced"] and "collapsed in 3 of 3 seeds" in lp["evidence"]
 
 
@@ -633,11 +633,18 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     assert "problem 1: 1+2" in capsys.readouterr().out
 
 
-def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, capsys):
-    """lr 1e38: the loss and the gradient of step 0 are finite, the AdamW step overflows the weights;
-    with a save after every step they used to be saved, and neither sample.py nor --resume loads them."""
-    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0", "--pt_lr=1e38",
-                       "--save_every=1"]) == 2
+def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, monkeypatch, capsys):
+    """A step whose loss and gradient are finite but that overflows the weights (as a huge learning
+    rate would): with a save after every step they used to be saved, and nothing could load them."""
+    real = torch.optim.AdamW.step
+
+    def overflowing(self, *a, **k):
+        out = real(self, *a, **k)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].mul_(float("inf"))
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0", "--save_every=1"]) == 2
     assert one_error(capsys, "non-finite", "step 0", "untouched")
     assert not os.path.exists(tmp_path / "base")
 
