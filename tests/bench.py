@@ -159,7 +159,8 @@ def bench_train(model, device, n_rounds, rows=16, T=256):
 
 def bench_rl(model, device, n_rounds):
     """One BCR step at the default shape: 8 prompts x G=8 of N=3 problems, cap 3*30 = 90. Where the
-    update runs in bf16 (update_dtype=auto), an fp32 update is timed beside it, round by round."""
+    update runs in bf16 (update_dtype=auto), an fp32 update is timed beside it, round by round; and
+    with `trl` installed, TRL's GRPOTrainer on the same workload, its steps alternating with ours."""
     tok = build_tokenizer()
     cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
                           else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
@@ -168,18 +169,73 @@ def bench_rl(model, device, n_rounds):
     dtypes += ["fp32"] if dtypes[0] == "bf16" else []
     opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is
     splits, total = {d: [] for d in dtypes}, {d: [] for d in dtypes}
-    for step in range(n_rounds + 1):
+
+    def ours(step):
         groups = packed_prompts(doc_rng("bench", step), cfg, 8, 3)
         for d in dtypes:  # the same groups and sampling seed: the same rollouts
             gen, c = torch.Generator(device).manual_seed(step), SimpleNamespace(**{**vars(cfg), "update_dtype": d})
-            t = timed(lambda: splits[d].append(bcr.rl_step(model, opt, tok, groups, 90, gen, c)), device)
-            total[d].append(t)
+            total[d].append(timed(lambda: splits[d].append(bcr.rl_step(model, opt, tok, groups, 90, gen, c)), device))
+    ours(0)  # a warm-up, and the length of our base's completions, which TRL's random Llama is held to
+    batches = [packed_prompts(doc_rng("bench", s), cfg, 8, 3) for s in range(1, n_rounds + 2)]
+    trl = trl_steps(model.cfg, device, batches, ours, round(splits[dtypes[0]][0]["tokens"]))  # ours between its steps
+    if trl is None:
+        for step in range(1, n_rounds + 1):
+            ours(step)
     print(f"\nBCR step: 64 rollouts (N=3, cap 90), median of {n_rounds}:")
     for d in dtypes:  # the first step warms up
         med = {k: statistics.median(s[k] for s in splits[d][1:]) for k in ("t_rollout", "t_score", "t_update", "tokens")}
-        print(f"  update in {d}: {statistics.median(total[d][1:]):.3f} s (target <= 0.7 s) = rollout "
+        print(f"  update in {d}: {statistics.median(total[d][1:]):.3f} s (target <= 0.46 s) = rollout "
               f"{med['t_rollout']:.3f} + scoring {med['t_score']:.3f} + update {med['t_update']:.3f}; "
               f"mean completion {med['tokens']:.0f} tokens")
+    if trl is None:
+        print("  TRL GRPOTrainer: not installed (pip install trl), left out")
+    else:
+        t = statistics.median(trl[1:])
+        print(f"  TRL GRPOTrainer (equal-size Llama, same prompts, cap and reward): {t:.3f} s a step; "
+              f"ours {t / statistics.median(total[dtypes[0]][1:]):.2f}x faster (target >= 3x)")
+
+
+def trl_steps(cfg, device, batches, ours, length):
+    """Step times of TRL's GRPOTrainer on `batches` of packed prompts (8 prompts x 8 generations, at
+    most 90 new tokens, no KL, one update per batch: our defaults; the share of problems right as
+    its reward), calling ours(i) after its step i so that the two alternate; None without trl.
+    Its random-weight Llama would stop at a random <eos> after a few tokens, so it writes at least
+    `length` tokens: the mean of our trained base's completions on the same prompts."""
+    try:
+        from datasets import Dataset
+        from transformers import PreTrainedTokenizerFast, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return None
+    import tempfile
+    from reward import score
+    flat = [g for b in batches for g in b]
+    data = Dataset.from_dict({"prompt": [prompt(g) for g in flat], "i": list(range(len(flat)))})
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=build_tokenizer(), pad_token="<pad>", eos_token="<eos>")
+
+    def reward(prompts, completions, i, **_):
+        return [score(c, flat[k]).acc for c, k in zip(completions, i)]
+
+    times = []
+
+    class Alternate(TrainerCallback):
+        def on_step_begin(self, args, state, control, **_):
+            sync(device)
+            times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **_):
+            sync(device)
+            times[-1] = time.perf_counter() - times[-1]
+            ours(len(times))
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=64, num_generations=8,
+                      max_completion_length=90, beta=0.0, num_iterations=1, learning_rate=1e-9, temperature=1.0,
+                      gradient_checkpointing=False, use_cpu=device.type == "cpu", bf16=device.type == "cuda",
+                      save_strategy="no", report_to="none", logging_steps=10 ** 6, disable_tqdm=True,
+                      max_steps=len(batches), shuffle_dataset=False, seed=0,
+                      generation_kwargs={"min_new_tokens": length})
+    GRPOTrainer(model=hf_llama(cfg, device).train(), reward_funcs=reward, args=args, train_dataset=data,
+                processing_class=hf_tok, callbacks=[Alternate()]).train()
+    return times
 
 
 def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
