@@ -447,12 +447,13 @@ def decode_mode(cfg, device):
 
 
 def runs(cfg, ablations=False):
-    """{run name: (task, its training config)}: the base, then each RL run of each seed."""
-    out = {"base": ("base", cfg)}
-    todo = {k: (task, validated(replace(cfg, **flags))) for k, (task, flags) in ABLATIONS.items()} if ablations else {
-        name: (name, cfg) for name in ("bcr", "grpo", "lenpen")}
-    for s in range(cfg.seed, cfg.seed + cfg.seeds):
-        out.update({f"{'abl-' * ablations}{k}-s{s}": v for k, v in todo.items()})
+    """{run name: (task, its training config)}: the base, each RL run of each seed, and with
+    ablations each variant of each seed (abl-<name>-s<seed>), trained with its own flags."""
+    seeds, out = range(cfg.seed, cfg.seed + cfg.seeds), {"base": ("base", cfg)}
+    out.update({f"{name}-s{s}": (name, cfg) for s in seeds for name in ("bcr", "grpo", "lenpen")})
+    for k, (task, flags) in ABLATIONS.items() if ablations else ():
+        tcfg = validated(replace(cfg, **flags))
+        out.update({f"abl-{k}-s{s}": (task, tcfg) for s in seeds})
     return out
 
 
@@ -658,25 +659,25 @@ def main(argv=None):
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
-        missing = [r for r in runs(cfg) if not os.path.exists(f"{cfg.out_dir}/{r}")] if cfg.stage == "report" else []
-        if missing:  # refused before anything is touched
+        stage, todo = cfg.stage, runs(cfg, ablations=cfg.stage == "ablations")
+        missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
+        if stage == "report" and missing:  # refused before anything is touched
             raise ValueError(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
         held = lock(cfg.out_dir) if rank == 0 else None  # torchrun's other ranks share rank 0's
-        trains = {"all": ("bcr", "grpo", "lenpen"), "pretrain": (), "bcr": ("bcr",), "grpo": ("grpo",),
-                  "lenpen": ("lenpen",), "ablations": ("bcr",)}  # the ablations compare with the default BCR
-        if cfg.stage in trains:  # every training stage builds on a finished base: reused, resumed or made
+        if stage not in ("eval", "report"):  # every training stage builds on a finished base: reused, resumed or made
             pretrain(cfg, tok, rank, world, device)
-        for run, (name, tcfg) in {**runs(cfg), **(runs(cfg, True) if cfg.stage == "ablations" else {})}.items():
-            if name in trains.get(cfg.stage, ()) or run.startswith("abl-"):
+        wanted = {"all": ("bcr", "grpo", "lenpen"), "ablations": ("bcr",)}.get(stage, (stage,))  # + the abl- runs
+        for run, (name, tcfg) in todo.items():
+            if name in wanted or run.startswith("abl-"):
                 rl(tcfg, name, run, int(run.rpartition("-s")[2]), tok, rank, world, device)
-        if cfg.stage in ("all", "eval", "report"):
-            ev = evaluate_runs(cfg, runs(cfg) if cfg.stage != "eval" else {
-                r: v for r, v in runs(cfg).items() if os.path.exists(f"{cfg.out_dir}/{r}")}, rank, world, device)
-            if cfg.stage != "eval" and rank == 0:
+        if stage in ("all", "eval", "report"):  # --stage=eval: whatever runs are there
+            ev = evaluate_runs(cfg, {r: v for r, v in todo.items() if stage != "eval" or r not in missing},
+                               rank, world, device)
+            if stage != "eval" and rank == 0:
                 print(write_report(cfg, device, ev) + f"; wrote {cfg.out_dir}/report.md and report.json")
-        if cfg.stage == "ablations":
-            ev = evaluate_runs(cfg, {**{r: v for r, v in runs(cfg).items() if r.startswith(("base", "bcr-"))},
-                                     **runs(cfg, True)}, rank, world, device, greedy=False)
+        if stage == "ablations":  # each variant beside the base and the default BCR, sampled only
+            ev = evaluate_runs(cfg, {r: v for r, v in todo.items() if not r.startswith(("grpo", "lenpen"))},
+                               rank, world, device, greedy=False)
             if rank == 0:
                 write_ablations(cfg, ev)
                 print(f"wrote {cfg.out_dir}/ablations.md and ablations.json")
