@@ -661,8 +661,9 @@ def main(argv=None):
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
         stage, todo = cfg.stage, runs(cfg, ablations=cfg.stage == "ablations")
         missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
-        if stage == "report" and missing:  # refused before anything is touched
-            raise ValueError(f"no {', '.join(missing)} in {cfg.out_dir}: run the stages that make them first")
+        needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
+        if needed:  # refused before anything is touched
+            raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
         held = lock(cfg.out_dir) if rank == 0 else None  # torchrun's other ranks share rank 0's
         if stage not in ("eval", "report"):  # every training stage builds on a finished base: reused, resumed or made
             pretrain(cfg, tok, rank, world, device)

@@ -334,9 +334,11 @@ def test_eval_and_report_check_every_run_as_reuse_would(tiny, tmp_path, capsys):
     refused by --stage=eval (the evaluation's own flags, e.g. the temperature, may differ)."""
     import shutil
     shutil.copytree(tiny / "base", tmp_path / "base")  # a copy: evaluation writes into it
+    assert run(TINY + [f"--out_dir={tmp_path}/empty", "--stage=eval"]) == 2  # nothing to evaluate: said
+    assert "no base in" in capsys.readouterr().err
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 2
     assert "no bcr-s1, grpo-s1, lenpen-s1" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["base"]  # nothing trained or written
+    assert sorted(os.listdir(tmp_path)) == ["base", "empty"] and not os.listdir(tmp_path / "empty")  # nothing written
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr"]) == 0
     before = digest(tmp_path / "bcr-s1")
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--rl_steps=5"]) == 2
