@@ -150,11 +150,6 @@ def parse_config(argv=None):
     return cfg
 
 
-def validated(cfg):
-    validate(cfg)
-    return cfg
-
-
 def eval_Ns(cfg):
     return [int(x) for x in cfg.eval_Ns.split(",")]
 
@@ -452,8 +447,11 @@ def runs(cfg, ablations=False):
     seeds, out = range(cfg.seed, cfg.seed + cfg.seeds), {"base": ("base", cfg)}
     out.update({f"{name}-s{s}": (name, cfg) for s in seeds for name in ("bcr", "grpo", "lenpen")})
     for k, (task, flags) in ABLATIONS.items() if ablations else ():
-        tcfg = validated(replace(cfg, **flags))
-        out.update({f"abl-{k}-s{s}": (task, tcfg) for s in seeds})
+        try:
+            validate(replace(cfg, **flags))
+        except ValueError as e:
+            raise ValueError(f"ablation {k} ({flags}): {e}") from None
+        out.update({f"abl-{k}-s{s}": (task, replace(cfg, **flags)) for s in seeds})
     return out
 
 

@@ -242,6 +242,8 @@ def test_ablations_command(tiny, tmp_path):
             assert [r["N"] for r in e["eval"]] == [1, 2] and all(r["budget"] == 48 for r in e["eval"])
     table = (tmp_path / "ablations.md").read_text()
     assert all(f"| {n} |" in table for n in names)
+    # a variant that cannot run with the other flags is named before any work
+    assert run(TINY + [f"--out_dir={tmp_path}/small", "--stage=ablations", "--block_size=120"]) == 2
 
 
 def test_findings_survive_a_base_with_nothing_to_compare():
