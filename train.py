@@ -447,11 +447,12 @@ def runs(cfg, ablations=False):
     seeds, out = range(cfg.seed, cfg.seed + cfg.seeds), {"base": ("base", cfg)}
     out.update({f"{name}-s{s}": (name, cfg) for s in seeds for name in ("bcr", "grpo", "lenpen")})
     for k, (task, flags) in ABLATIONS.items() if ablations else ():
+        tcfg = replace(cfg, **flags)
         try:
-            validate(replace(cfg, **flags))
+            validate(tcfg)
         except ValueError as e:
             raise ValueError(f"ablation {k} ({flags}): {e}") from None
-        out.update({f"abl-{k}-s{s}": (task, replace(cfg, **flags)) for s in seeds})
+        out.update({f"abl-{k}-s{s}": (task, tcfg) for s in seeds})
     return out
 
 
