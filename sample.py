@@ -83,15 +83,21 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
     idx, pos, valid = left_pad(prompts, device)
     Tp = idx.shape[1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cache = KVCache(model.cfg, B, Tp + n_steps, device, dtype)
+    # identical prompts (the G samples of an RL group) are prefilled once, then their cache rows copied
+    distinct = {}
+    inv = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)  # (B,)
+    u_idx, u_pos, u_valid = left_pad(list(distinct), device)                  # (U, Tp) each
+    cache = KVCache(model.cfg, len(distinct), Tp + n_steps, device, dtype)
+    with autocast(device):
+        logits = model(u_idx, segments(u_idx, Tp), u_pos, prefill_mask(u_valid), cache, 0)[inv, -1]  # (B, V)
+    if len(distinct) < B:
+        cache.k, cache.v = cache.k[:, inv], cache.v[:, inv]                    # (L, B, nh, S, hd)
     # key bias over the whole cache: 0 where a slot holds a real token, -inf for pads and slots
     # not written yet. One-token steps take it as their additive mask, updated in place.
     bias = torch.full((B, 1, 1, Tp + n_steps), float("-inf"), device=device)   # (B, 1, 1, S)
     bias[:, 0, 0, :Tp].masked_fill_(valid, 0.0)
     out = torch.full((B, n_steps), PAD, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    with autocast(device):
-        logits = model(idx, segments(idx, Tp), pos, prefill_mask(valid), cache, 0)[:, -1]  # (B, V)
     tok, pos, t = idx[:, -1].clone(), pos[:, -1].clone(), torch.tensor([Tp - 1], device=device)
     seg = torch.ones(B, dtype=torch.long, device=device)  # the completion's first problem is 1
 

@@ -5,7 +5,7 @@ nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing fi
   bcr        BCR: N=3 problems per prompt under one hard cap of N*b tokens             -> out/bcr-s<seed>
   grpo       control: the same GRPO at N=1 with the sweep's budget C (no pressure)      -> out/grpo-s<seed>
   lenpen     control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                     -> out/lenpen-s<seed>
-  eval       every model on N in eval_Ns under the one shared budget C, sampled and greedy
+  eval       every model on N in eval_Ns under the one shared budget C, sampled (greedy at N=1)
   report     out/report.md, out/report.json (and out/report.png with matplotlib)
   ablations  BCR variants on the same base (budget b, training N, credit, advantages, budget-aware
              BCR), each evaluated on the sweep                                          -> out/ablations.md
@@ -464,8 +464,8 @@ def eval_problems(cfg):
 
 
 def evaluation(cfg, run, rank, world, device, greedy=True):
-    """The N-sweep of one model under the shared budget C, sampled (and greedy); the base also gets
-    a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
+    """The N-sweep of one model under the shared budget C, sampled (and greedy at N = 1); the base
+    also gets a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
     path = f"{cfg.out_dir}/{run}/eval.json"
     key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "greedy": greedy}
     try:
@@ -479,7 +479,7 @@ def evaluation(cfg, run, rank, world, device, greedy=True):
     model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
     problems, C, Ns = eval_problems(cfg), bcr.budget(cfg), eval_Ns(cfg)
     room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))
-    plan = [(N, C, t) for t in (cfg.temperature, 0.0)[:1 + greedy] for N in Ns]
+    plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * greedy  # greedy: the free lunch's N only
     plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []  # its targets' Ns
     rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, decode_mode(cfg, device),
                          rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
@@ -563,7 +563,7 @@ def write_report(cfg, device, ev):
     md += [f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}."
            for k, v in report["findings"].items()]
     md += ["\n## Sampled sweep (T = 1) under C (and the base with room); predicted: the truncation model\n",
-           table(report, "sample"), "\n## Greedy sweep under C\n", table(report, "greedy"),
+           table(report, "sample"), "\n## Greedy decoding under C\n", table(report, "greedy"),
            "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
     atomic_write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))
     atomic_write(f"{cfg.out_dir}/report.md", "\n".join(md))

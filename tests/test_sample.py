@@ -60,14 +60,17 @@ def test_greedy_matches_naive_loop(mode):
     assert torch.equal(fast, slow) and torch.equal(n_fast, n_slow)
 
 
-def test_sampled_paths_agree_and_seeds_reproduce():
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_sampled_paths_agree_and_seeds_reproduce(repeat):
+    """repeat 3: each prompt three times in a row, as an RL group's samples (prefilled once)."""
     model = random_gpt(2)
-    runs = {m: generate(model, PROMPTS, 24, 1.0, 0, torch.Generator().manual_seed(7), m)[0]
+    prompts = [p for p in PROMPTS for _ in range(repeat)]
+    runs = {m: generate(model, prompts, 24, 1.0, 0, torch.Generator().manual_seed(7), m)[0]
             for m in ("eager", "static")}
-    runs["naive"] = generate_naive(model, PROMPTS, 24, 1.0, 0, torch.Generator().manual_seed(7))[0]
+    runs["naive"] = generate_naive(model, prompts, 24, 1.0, 0, torch.Generator().manual_seed(7))[0]
     assert torch.equal(runs["eager"], runs["static"]) and torch.equal(runs["eager"], runs["naive"])
-    again = generate(model, PROMPTS, 24, 1.0, 0, torch.Generator().manual_seed(7))[0]
-    other = generate(model, PROMPTS, 24, 1.0, 0, torch.Generator().manual_seed(8))[0]
+    again = generate(model, prompts, 24, 1.0, 0, torch.Generator().manual_seed(7))[0]
+    other = generate(model, prompts, 24, 1.0, 0, torch.Generator().manual_seed(8))[0]
     assert torch.equal(again, runs["eager"]) and not torch.equal(other, runs["eager"])
 
 
