@@ -118,20 +118,38 @@ def token_advantages(rewards, lengths, G, cap, cfg):
     return out, r
 
 
-def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
+def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None, max_pad=1.25):
     """The policy-gradient loss of one batch of completions, ready for backward().
     ids: prompt ids (B lists), out (B, cap) completion tokens, lengths (B,), adv (B, cap).
     norm: what the summed loss is divided by (this batch's, or with several processes the global,
     completion-token count for the token mean; the number of sequences for the sequence mean).
     Rows are laid out prompt + completion, right-padded: positions 0..T-1 as in sampling."""
-    device = model.wte.weight.device
+    n = lengths.tolist()
     # a row whose advantages are all zero (its group's samples scored alike) adds nothing to the
     # gradient, so it is left out of the forward pass: same loss, less work once rewards saturate
     # (the KL term needs every row; one row is kept so that backward() always has a graph)
-    keep = [i for i in range(len(ids)) if cfg.kl > 0 or adv[i, :int(lengths[i])].any()] or [0]
-    ids, out, lengths, adv = [ids[i] for i in keep], out[keep], lengths[keep], adv[keep]
-    B, n = len(ids), lengths.tolist()
-    T = max(len(p) + k for p, k in zip(ids, n))
+    keep = [i for i in range(len(ids)) if cfg.kl > 0 or adv[i, :n[i]].any()] or [0]
+    # rows sorted by length and cut into chunks padded by at most max_pad x their shortest row: one
+    # batch would pad every row to the longest, which one runaway completion makes several times the mean
+    keep.sort(key=lambda i: len(ids[i]) + n[i])
+    chunks = [[keep[0]]]
+    for i in keep[1:]:
+        if len(ids[i]) + n[i] > max_pad * (len(ids[chunks[-1][0]]) + n[chunks[-1][0]]):
+            chunks.append([])
+        chunks[-1].append(i)
+    loss, sums = 0.0, {"entropy": 0.0, "tokens": 0.0, "kl": 0.0, "weight": 0.0}
+    for rows in chunks:
+        loss = loss + chunk_loss(model, [ids[i] for i in rows], out[rows], [n[i] for i in rows], adv[rows],
+                                 cfg, ref, sums)
+    stats = {"entropy": sums["entropy"] / sums["tokens"], **({"kl": sums["kl"] / sums["weight"]} if cfg.kl > 0 else {})}
+    return loss / norm, stats
+
+
+def chunk_loss(model, ids, out, n, adv, cfg, ref, sums):
+    """The summed loss of some rows (pg_loss's arguments, n a list); adds their entropy and
+    completion-token count, and their KL and loss-weight sums, to `sums`."""
+    device = model.wte.weight.device
+    B, T = len(ids), max(len(p) + k for p, k in zip(ids, n))
     x = torch.full((B, T), PAD, dtype=torch.long)                             # (B, T)
     w = torch.zeros(B, T)                                                     # (B, T) loss weights
     a = torch.zeros(B, T)                                                     # (B, T) advantages
@@ -141,26 +159,25 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None):
         # logits at position t predict token t+1: completion token j is predicted at len(p)-1+j
         w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
-    x, w, a = x.to(device), w.to(device), a.to(device)
+    x, w, a = x.to(device), w[:, :-1].to(device), a[:, :-1].to(device)
     seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids], device=device))  # (B, T-1)
     with autocast(device, update_bf16(cfg.update_dtype, device)):
         logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
-    w, a = w[:, :-1], a[:, :-1]
     loss = -(a * logp * w).sum()
-    stats = {}
     if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
         with torch.no_grad(), autocast(device, update_bf16(cfg.update_dtype, device)):
             ref_logp = F.log_softmax(ref(x[:, :-1], seg).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         d = ref_logp - logp
         kl = d.exp() - d - 1
         loss = loss + cfg.kl * (kl * w).sum()
-        stats["kl"] = ((kl * w).sum() / w.sum()).item()
+        sums["kl"], sums["weight"] = sums["kl"] + (kl * w).sum().item(), sums["weight"] + w.sum().item()
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
-        stats["entropy"] = ((ent * (w > 0)).sum() / (w > 0).sum()).item()
-    return loss / norm, stats
+        sums["entropy"] += (ent * (w > 0)).sum().item()
+        sums["tokens"] += (w > 0).sum().item()
+    return loss
 
 
 def finish_grads(model, clip, world, loss):

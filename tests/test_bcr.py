@@ -89,6 +89,25 @@ def test_pg_loss_normalisation_and_gradient_direction():
     assert after[2, 10] + after[3, 11] + after[4, EOS] > lp0
 
 
+def test_pg_loss_chunks_by_length_change_nothing_but_rounding():
+    """pg_loss cuts the rows into length-sorted chunks (less padding): the loss and gradient of one
+    padded batch (max_pad huge), to float rounding, also for the sequence mean and the KL term."""
+    model = random_gpt(0)
+    ids = [[5, 6, 7], [8, 9], [7, 7, 5, 6], [4]]
+    out = torch.tensor([[10, 11, EOS, 0, 0, 0, 0, 0], [12, 9, 9, 9, 9, 9, 9, EOS], [6, EOS, 0, 0, 0, 0, 0, 0],
+                        [9, 8, 7, EOS, 0, 0, 0, 0]])
+    n, adv = torch.tensor([3, 8, 2, 4]), torch.tensor([[1.0] * 8, [-1.0] * 8, [0.5] * 8, [0.0] * 8])
+    for c in (cfg(), cfg(token_mean=False, kl=0.1)):
+        got = []
+        for max_pad in (1e9, 1.0):  # one batch; every length its own chunk
+            model.zero_grad()
+            loss, st = pg_loss(model, ids, out, n, adv, 9.0, c, ref=random_gpt(1), max_pad=max_pad)
+            loss.backward()
+            got.append((loss.item(), st, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (l1, s1, g1), (l2, s2, g2) = got
+        assert abs(l1 - l2) < 1e-6 and all(abs(s1[k] - s2[k]) < 1e-6 for k in s1) and torch.allclose(g1, g2, atol=1e-6)
+
+
 def test_bf16_update_agrees_with_fp32():
     """--update_dtype=bf16 (CPU autocast, attention kept in fp32): the fp32 loss and gradient to
     bf16's precision, and not bitwise them (it did run in bf16)."""
