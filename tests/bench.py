@@ -18,7 +18,7 @@ rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), spli
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
         --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
 eval (not in all; give --ckpt): the evaluation's first batch (up to 256 prompts, 512 with
-        --preset=gpu, of N problems under the budget C = 288) at N = 1 and 3, eager decoding with finished rows dropped
+        --preset=gpu, of N problems under the budget C) at N = 1 and 3, eager decoding with finished rows dropped
         vs. kept in the batch, and on CUDA the CUDA-graph path.
 """
 import math
