@@ -20,6 +20,7 @@ and generate_naive() beside them, which recomputes the whole sequence for every 
 CLI:  python sample.py --ckpt out/bcr-s1 --problems "47+85, 52-17"
 """
 import argparse
+import os
 import sys
 import warnings
 
@@ -241,11 +242,15 @@ def main(argv=None):
         sys.exit(2)
     text = tok.decode(out[0, :n[0]].tolist())
     r = score(text, problems, truncated=EOS not in out[0].tolist())
-    print(prompt(problems) + text)
+    lines = [prompt(problems) + text]
     for k, (p, a) in enumerate(zip(problems, r.answers), 1):
         how = "directly" if r.direct[k - 1] else "with steps"
-        print(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {a} ({'correct' if r.correct[k - 1] else 'wrong'}, {how})")
-    print(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
+        lines.append(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {a} ({'correct' if r.correct[k - 1] else 'wrong'}, {how})")
+    lines.append(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # the reader left early (`| head`): no traceback, and none from exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -411,6 +411,12 @@ def test_cli_subprocesses(tiny):
                 ["tests/bench.py", "--ckpt", "/nonexistent"]):
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, cmd
+    # a reader that leaves before the answer is written (`| head`, `| true`): no traceback either
+    p = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(tiny / "base"), "--problems", "3+4"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------- reliability (issues #20, #21)
