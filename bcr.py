@@ -141,7 +141,9 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None, max_pad=1.25):
     for rows in chunks:
         loss = loss + chunk_loss(model, [ids[i] for i in rows], out[rows], [n[i] for i in rows], adv[rows],
                                  cfg, ref, sums)
-    stats = {"entropy": sums["entropy"] / sums["tokens"], **({"kl": sums["kl"] / sums["weight"]} if cfg.kl > 0 else {})}
+    stats = {"entropy": (sums["entropy"] / sums["tokens"]).item()}  # one host sync, not one per chunk
+    if cfg.kl > 0:
+        stats["kl"] = (sums["kl"] / sums["weight"]).item()
     return loss / norm, stats
 
 
@@ -172,11 +174,11 @@ def chunk_loss(model, ids, out, n, adv, cfg, ref, sums):
         d = ref_logp - logp
         kl = d.exp() - d - 1
         loss = loss + cfg.kl * (kl * w).sum()
-        sums["kl"], sums["weight"] = sums["kl"] + (kl * w).sum().item(), sums["weight"] + w.sum().item()
+        sums["kl"], sums["weight"] = sums["kl"] + (kl * w).sum().detach(), sums["weight"] + w.sum()
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
-        sums["entropy"] += (ent * (w > 0)).sum().item()
-        sums["tokens"] += (w > 0).sum().item()
+        sums["entropy"] += (ent * (w > 0)).sum()
+        sums["tokens"] += (w > 0).sum()
     return loss
 
 
