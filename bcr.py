@@ -247,6 +247,8 @@ def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode
     row = {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
            "problems": n_prob,
            "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
+           # one evaluation's sampling noise: the standard error over prompts (N=1: binomial)
+           "acc_se": (torch.tensor([r.acc for r, _ in results]).std() / len(results) ** 0.5).item(),
            "tokens_per_problem": tokens.sum().item() / n_prob,
            "tokens_per_problem_se": (tokens.std() / N / len(results) ** 0.5).item(),  # standard error
            "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
@@ -334,7 +336,8 @@ def findings(cfg, ev):
         "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
                        "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
                                    f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
-                                   f"(target >= -0.01)"},
+                                   f"(target >= -0.01; one evaluation's standard error on the base's accuracy: "
+                                   f"{b1.get('acc_se', float('nan')):.3f})"},
         "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk)
                                                              for k, lk in zip(f["keep"], f["lp_keep"])),
                         "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = "

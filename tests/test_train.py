@@ -224,6 +224,8 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     assert all(r["budget"] == C for run in rep["runs"] for r in run["eval"])
     row = rep["runs"][1]["eval"][0]
     assert row["problems"] >= 8 and len(row["acc_by_slot"]) == row["N"] and 0 <= row["acc"] <= 1
+    n, acc = row["problems"], row["acc"]  # N = 1: the binomial standard error of one evaluation
+    assert row["N"] == 1 and abs(row["acc_se"] - (acc * (1 - acc) / (n - 1)) ** 0.5) < 1e-6
     assert (out / "report.md").read_text().startswith("# nanoBCR report")
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib is in the test requirements
 
