@@ -663,7 +663,12 @@ def main(argv=None):
         needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
         if needed:  # refused before anything is touched
             raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
-        held = lock(cfg.out_dir) if rank == 0 else None  # torchrun's other ranks share rank 0's
+        try:
+            held, refused = lock(cfg.out_dir) if rank == 0 else None, None  # torchrun's other ranks share rank 0's
+        except ValueError as e:
+            refused = e
+        if all_mean({"ok": float(refused is None)}, world)["ok"] < 1:  # all leave, none waits at a collective
+            raise refused or ValueError("rank 0 refused to start (its error says why)")
         if stage not in ("eval", "report"):  # every training stage builds on a finished base: reused, resumed or made
             pretrain(cfg, tok, rank, world, device)
         wanted = {"all": ("bcr", "grpo", "lenpen"), "ablations": ("bcr",)}.get(stage, (stage,))  # + the abl- runs

@@ -1,7 +1,9 @@
 """Data parallel on 2 CPU processes (gloo): the same results as one process."""
+import fcntl
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -117,3 +119,27 @@ def test_ranks_hold_identical_weights_after_bcr_steps(tmp_path, tiny):  # noqa: 
     spawn(steps_job, str(tiny), str(tmp_path / "w.pt"))
     a, b = torch.load(tmp_path / "w.pt")
     assert torch.equal(a, b)
+
+
+def refused_job(rank, out):
+    try:
+        train.main(TINY + [f"--out_dir={out}", "--stage=pretrain"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    Path(out, f"exit{rank}").write_text(str(code))
+
+
+def test_a_refusal_by_rank_0_stops_every_rank(tmp_path):
+    """Only rank 0 takes the out dir's lock: when it is refused (another run holds it), every rank
+    must leave with the one-line error, not wait at its first collective until gloo times out."""
+    holder = open(tmp_path / ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    ctx = mp.spawn(worker, args=(2, free_port(), refused_job, (str(tmp_path),)), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ctx.join(5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("a rank still waits two minutes after rank 0 was refused")
+    assert [(tmp_path / f"exit{r}").read_text() for r in (0, 1)] == ["2", "2"]
