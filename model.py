@@ -286,12 +286,18 @@ def save_model(model, folder, meta=None):
 
 
 def atomic_write(path, data):
-    """A kill or a full disk at any moment leaves the old file or the new one, never a cut one."""
-    with open(f"{path}.tmp", "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    """A kill or a full disk at any moment leaves the old file or the new one, never a cut one
+    (and a failed write no <path>.tmp either)."""
+    try:
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f"{path}.tmp", path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(f"{path}.tmp")
+        raise
 
 
 def recover(folder):
