@@ -15,12 +15,14 @@ finds "### Problem k" in its context without help; a 0.8M-parameter model traine
 learns that lookup slowly and loses it when RL moves the solutions around (the last problems
 of a long prompt were mostly lost without it), so the segment stands in for that skill. It is an
 embedding added to the token's, like BERT's segment embeddings.
-A checkpoint is a folder: model.safetensors + config.json (+ tokenizer.json, written by data.py).
+A checkpoint is a folder: model.safetensors + config.json, and from training tokenizer.json and state.pt
+(the optimizer), all swapped in at once by save_checkpoint.
 """
 import contextlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -28,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
+
+from data import load_tokenizer
 
 # PyTorch may pick cuDNN's attention on Hopper GPUs, which builds a plan for every new sequence length
 # (pytorch#155958). Our batches change length every micro-batch and RL step, so that planning would
@@ -300,8 +304,31 @@ def atomic_write(path, data):
         raise
 
 
+def save_checkpoint(folder, model, tok, meta, state):
+    """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
+    at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap).
+    meta goes into config.json beside the model's shape; state (the optimizer's) into state.pt."""
+    folder = os.path.realpath(folder)  # a symlink would be renamed away, its target left as .old
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:  # a full disk: safetensors, tokenizers and torch.save each raise their own error
+        save_model(model, tmp, meta)
+        tok.save(f"{tmp}/tokenizer.json")
+        torch.save(state, f"{tmp}/state.pt")
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"cannot write a checkpoint to {tmp} ({str(e).splitlines()[0][:120]}); "
+                         f"the last one in {folder} is untouched") from None
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def recover(folder):
-    """A save killed between its renames (train.save) leaves only <folder>.old: every loader moves it back."""
+    """A save killed between its renames (save_checkpoint) leaves only <folder>.old: every loader moves it back."""
     folder = os.path.realpath(folder)  # a symlinked folder is swapped where it really is
     if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
         os.replace(f"{folder}.old", folder)
@@ -340,3 +367,28 @@ def load_model(folder, device="cpu"):
         raise ValueError(f"{folder}/model.safetensors holds non-finite weights")
     model.load_state_dict(sd)
     return model.to(device), meta
+
+
+def load_checkpoint(folder, device="cpu"):
+    """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
+    model, meta = load_model(folder, device)
+    tok = load_tokenizer(f"{folder}/tokenizer.json")
+    if model.cfg.vocab_size != tok.get_vocab_size():
+        raise ValueError(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
+                         f"{tok.get_vocab_size()} tokens")
+    return model.eval(), tok, meta
+
+
+def restore(folder, model, opt):
+    """Weights and optimizer state of a checkpoint; returns its step. No global RNG state: nothing
+    draws from one (data and sampling generators are pure functions of (seed, step)); a fork that
+    adds, say, dropout should draw it the same way, or resuming stops being bitwise exact."""
+    loaded, _ = load_model(folder)
+    model.load_state_dict(loaded.state_dict())
+    try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
+        state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
+        opt.load_state_dict(state["opt"])
+        return state["step"]
+    except Exception as e:
+        why = (str(e).splitlines() or [""])[0][:80]
+        raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None

@@ -26,8 +26,8 @@ import warnings
 
 import torch
 
-from data import EOS, NEWLINE, PAD, encode, load_tokenizer, parse_problems, prompt, segments
-from model import KVCache, autocast, load_model, pick_device
+from data import EOS, NEWLINE, PAD, encode, parse_problems, prompt, segments
+from model import KVCache, autocast, load_checkpoint, pick_device
 
 
 def left_pad(prompts, device):
@@ -189,16 +189,6 @@ def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=
         pos = torch.cat([pos, pos[:, -1:] + 1], 1)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
     return out, (out != PAD).sum(1)
-
-
-def load_checkpoint(folder, device="cpu"):
-    """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
-    model, meta = load_model(folder, device)
-    tok = load_tokenizer(f"{folder}/tokenizer.json")
-    if model.cfg.vocab_size != tok.get_vocab_size():
-        raise ValueError(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
-                         f"{tok.get_vocab_size()} tokens")
-    return model.eval(), tok, meta
 
 
 class ArgParser(argparse.ArgumentParser):

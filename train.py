@@ -34,9 +34,8 @@ from tqdm import tqdm
 
 import bcr
 from data import build_tokenizer, prompt, pretrain_batch, sample_problem, solution
-from model import (GPT, GPTConfig, atomic_write, autocast, load_model, new_optimizer, pick_device, recover,
-                   save_model, update_bf16)
-from sample import load_checkpoint
+from model import (GPT, GPTConfig, atomic_write, autocast, load_checkpoint, new_optimizer, pick_device, recover,
+                   restore, save_checkpoint, update_bf16)
 
 
 def F_(default, help, choices=None):
@@ -236,28 +235,6 @@ def all_mean(values, world):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save(folder, model, tok, cfg, step, done, opt, wall_s):
-    """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
-    at any moment leaves either the old or the new checkpoint (recover() finishes a cut swap)."""
-    folder = os.path.realpath(folder)  # a symlink would be renamed away, its target left as .old
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:  # a full disk: safetensors, tokenizers and torch.save each raise their own error
-        save_model(model, tmp, {"train": asdict(cfg), "step": step, "done": done, "wall_s": wall_s})
-        tok.save(f"{tmp}/tokenizer.json")
-        torch.save({"step": step, "opt": opt.state_dict()}, f"{tmp}/state.pt")
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"cannot write a checkpoint to {tmp} ({str(e).splitlines()[0][:120]}); "
-                         f"the last one in {folder} is untouched") from None
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def existing(folder, cfg, keys, need_done=False):
     """None if there is no checkpoint; else its config.json after checking it was made by this
     config (the keys that matter for it) and is finished, or may be resumed (--resume, unless
@@ -278,21 +255,6 @@ def existing(folder, cfg, keys, need_done=False):
         raise ValueError(f"{folder} holds an unfinished run (step {meta['step']}): continue it with its "
                          f"--stage and --resume, or remove the folder to start over")
     return meta
-
-
-def restore(folder, model, opt):
-    """Weights and optimizer state of a checkpoint; returns its step. No global RNG state: nothing
-    draws from one (data and sampling generators are pure functions of (seed, step)); a fork that
-    adds, say, dropout should draw it the same way, or resuming stops being bitwise exact."""
-    loaded, _ = load_model(folder)
-    model.load_state_dict(loaded.state_dict())
-    try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
-        state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
-        opt.load_state_dict(state["opt"])
-        return state["step"]
-    except Exception as e:
-        why = (str(e).splitlines() or [""])[0][:80]
-        raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None
 
 
 class Log:
@@ -341,7 +303,7 @@ class Run:
             cfg, folder, model, opt, total, rank, world)
         start = restore(folder, model, opt) if meta else 0
         self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
-        real = os.path.realpath(folder)  # where save() swaps; what would fail its first save is refused now
+        real = os.path.realpath(folder)  # where save_checkpoint swaps; what would fail its first save is refused now
         for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers just go)
             shutil.rmtree(stale, ignore_errors=True)
             if os.path.lexists(stale):
@@ -367,8 +329,9 @@ class Run:
 
     def save(self, step):
         if self.rank == 0:
-            save(self.folder, self.model, build_tokenizer(), self.cfg, step, step == self.total, self.opt,
-                 self.wall + time.perf_counter() - self.t0)
+            meta = {"train": asdict(self.cfg), "step": step, "done": step == self.total,
+                    "wall_s": self.wall + time.perf_counter() - self.t0}
+            save_checkpoint(self.folder, self.model, build_tokenizer(), meta, {"step": step, "opt": self.opt.state_dict()})
         if self.world > 1 and step == self.total:
             dist.barrier()
 

@@ -12,10 +12,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import bcr
-import sample
 import train
 from data import doc_rng, packed_prompts
-from model import new_optimizer
+from model import load_checkpoint, new_optimizer
 from test_train import TINY, run, tiny  # noqa: F401  (the module-scoped tiny base)
 
 
@@ -55,7 +54,7 @@ def test_pretraining_matches_one_process(tmp_path, tiny):  # noqa: F811
 
 def fixed_rollouts(tiny):  # noqa: F811
     """One step's rollouts, sampled once in this process and reused by every process."""
-    model, tok, _ = sample.load_checkpoint(tiny / "base")
+    model, tok, _ = load_checkpoint(tiny / "base")
     cfg = train.parse_config(TINY + ["--update_dtype=fp32"])  # bf16 would round each split differently
     groups = packed_prompts(doc_rng("fixed", 0), cfg, 4, 2)
     ids, out, n, rewards = bcr.rollout(model, tok, groups, 4, 48, 1.0, torch.Generator().manual_seed(0))
@@ -79,7 +78,7 @@ def update_job(rank, tiny, result):  # noqa: F811
     dist.init_process_group("gloo")
     cfg, ids, out, n, adv = fixed_rollouts(Path(tiny))
     rows = slice(rank * 8, (rank + 1) * 8)  # whole groups of G=4: a group never straddles ranks
-    model = update(sample.load_checkpoint(Path(tiny) / "base")[0].train(), cfg, ids[rows], out[rows], n[rows],
+    model = update(load_checkpoint(Path(tiny) / "base")[0].train(), cfg, ids[rows], out[rows], n[rows],
                    adv[rows], 2)
     if rank == 0:
         torch.save(model.state_dict(), result)
@@ -90,16 +89,16 @@ def update_job(rank, tiny, result):  # noqa: F811
 def test_one_update_on_fixed_rollouts_matches_one_process(tmp_path, tiny):  # noqa: F811
     spawn(update_job, str(tiny), str(tmp_path / "two.pt"))
     cfg, ids, out, n, adv = fixed_rollouts(tiny)
-    one = update(sample.load_checkpoint(tiny / "base")[0].train(), cfg, ids, out, n, adv, 1).state_dict()
+    one = update(load_checkpoint(tiny / "base")[0].train(), cfg, ids, out, n, adv, 1).state_dict()
     two = torch.load(tmp_path / "two.pt")
-    base = sample.load_checkpoint(tiny / "base")[0].state_dict()
+    base = load_checkpoint(tiny / "base")[0].state_dict()
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     assert max((one[k] - base[k]).abs().max().item() for k in one) > 1e-4  # the update did something
 
 
 def steps_job(rank, tiny, result):  # noqa: F811
     dist.init_process_group("gloo")
-    model, tok, _ = sample.load_checkpoint(Path(tiny) / "base")
+    model, tok, _ = load_checkpoint(Path(tiny) / "base")
     cfg = train.parse_config(TINY + ["--decode=eager"])
     opt = new_optimizer(model, 1e-3)
     for step in range(3):

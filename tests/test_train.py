@@ -140,7 +140,7 @@ def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
 def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny, cut):
     import shutil
     shutil.copytree(tiny / "base", tmp_path / "base")
-    net, tok, meta = sample.load_checkpoint(tmp_path / "base")
+    net, tok, meta = model.load_checkpoint(tmp_path / "base")
     calls = []
     real = os.replace
 
@@ -150,12 +150,11 @@ def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny
             raise KeyboardInterrupt  # killed after the temporary write, at the cut-th rename
         real(a, b)
     monkeypatch.setattr(os, "replace", dying_replace)
-    cfg = train.parse_config(TINY)
     with pytest.raises(KeyboardInterrupt):
-        train.save(str(tmp_path / "base"), net, tok, cfg, 99, False, model.new_optimizer(net, 1e-3), 0.0)
+        model.save_checkpoint(str(tmp_path / "base"), net, tok, {"step": 99}, {})
     monkeypatch.setattr(os, "replace", real)
     model.recover(str(tmp_path / "base"))
-    _, _, again = sample.load_checkpoint(tmp_path / "base")
+    _, _, again = model.load_checkpoint(tmp_path / "base")
     assert again["step"] == meta["step"] == 8  # the old checkpoint, whole and loadable
 
 
@@ -205,7 +204,7 @@ def test_nan_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
     err = capsys.readouterr().err.strip()  # the progress bar's lines, then the one-line error
     assert err.splitlines()[-1].startswith("error: non-finite") and "Traceback" not in err
-    _, _, meta = sample.load_checkpoint(tmp_path / "base")
+    _, _, meta = model.load_checkpoint(tmp_path / "base")
     assert meta["step"] in (3, 6) and not meta["done"]
 
 
@@ -479,7 +478,7 @@ def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_pa
     one_error(capsys, "unfinished", "step 3")
     assert digest(out / "base") == before and (out / "base.jsonl").read_bytes() == log
     assert run(TINY + [f"--out_dir={out}", "--stage=bcr", "--resume"]) == 0  # the base is finished first
-    assert sample.load_checkpoint(out / "base")[2]["done"] and sample.load_checkpoint(out / "bcr-s1")[2]["done"]
+    assert model.load_checkpoint(out / "base")[2]["done"] and model.load_checkpoint(out / "bcr-s1")[2]["done"]
     a, b = weights(out / "base"), weights(tiny / "base")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -523,7 +522,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, mon
                 raise error
             return real(*a, **k)
         return wrapped
-    monkeypatch.setattr(train, "save_model", lambda *a, **k: (saves.append(1), model.save_model(*a, **k)))
+    real_save_model = model.save_model
+    monkeypatch.setattr(model, "save_model", lambda *a, **k: (saves.append(1), real_save_model(*a, **k)))
     if where == "safetensors":
         monkeypatch.setattr(model, "save_file", full(real_save_file, SafetensorError(
             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
@@ -554,7 +554,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, mon
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
     one_error(capsys, "cannot write a checkpoint", "untouched")
     monkeypatch.undo()
-    assert sample.load_checkpoint(tmp_path / "base")[2]["step"] == 3
+    assert model.load_checkpoint(tmp_path / "base")[2]["step"] == 3
     assert not os.path.exists(tmp_path / "base.tmp")
 
 
@@ -626,7 +626,7 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     """Killed between the two renames, a save leaves only base.old and base.tmp: sample.py (not only
     train.py) must load base.old as the checkpoint."""
     shutil.copytree(tiny / "base", tmp_path / "base")
-    model, tok, _ = sample.load_checkpoint(tmp_path / "base")
+    net, tok, _ = model.load_checkpoint(tmp_path / "base")
     real = os.replace
     calls = []
 
@@ -638,8 +638,7 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     with monkeypatch.context() as m:
         m.setattr(os, "replace", dying_replace)
         with pytest.raises(KeyboardInterrupt):
-            train.save(str(tmp_path / "base"), model, tok, train.parse_config(TINY), 99, False,
-                       train.new_optimizer(model, 1e-3), 0.0)
+            model.save_checkpoint(str(tmp_path / "base"), net, tok, {"step": 99}, {})
     assert sorted(os.listdir(tmp_path)) == ["base.old", "base.tmp"]
     sample.main(["--ckpt", str(tmp_path / "base"), "--problems", "1+2"])  # no SystemExit
     assert "problem 1: 1+2" in capsys.readouterr().out
@@ -686,7 +685,7 @@ def test_one_out_dir_one_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "pretrain_batch", meanwhile)
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 0 and second == [2]
     one_error(capsys, f"is in use by pid {os.getpid()}")
-    assert sample.load_checkpoint(tmp_path / "base")[2]["done"]
+    assert model.load_checkpoint(tmp_path / "base")[2]["done"]
     with open(tmp_path / ".lock") as f:  # released when the run ended
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -700,6 +699,6 @@ def test_a_symlinked_checkpoint_folder_saves_and_resumes(half, tiny, tmp_path):
     os.symlink(real / "base", out / "base")
     assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0  # saves at steps 6 and 8
     assert (out / "base").is_symlink() and sorted(os.listdir(real)) == ["base"]
-    assert not os.path.lexists(out / "base.old") and sample.load_checkpoint(out / "base")[2]["done"]
+    assert not os.path.lexists(out / "base.old") and model.load_checkpoint(out / "base")[2]["done"]
     a, b = weights(out / "base"), weights(tiny / "base")
     assert all(torch.equal(a[k], b[k]) for k in a)
