@@ -618,14 +618,14 @@ def main(argv=None):
     try:
         cfg = parse_config(argv)
         rank, world, device = setup(cfg)
-        os.makedirs(cfg.out_dir, exist_ok=True)
         tok = build_tokenizer()
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
         stage, todo = cfg.stage, runs(cfg, ablations=cfg.stage == "ablations")
         missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
         needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
-        if needed:  # refused before anything is touched
+        if needed:  # refused before anything is touched (a mistyped --out_dir is not created)
             raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
+        os.makedirs(cfg.out_dir, exist_ok=True)
         try:
             held, refused = lock(cfg.out_dir) if rank == 0 else None, None  # torchrun's other ranks share rank 0's
         except ValueError as e:

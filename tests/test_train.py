@@ -341,7 +341,7 @@ def test_eval_and_report_check_every_run_as_reuse_would(tiny, tmp_path, capsys):
     assert "no base in" in capsys.readouterr().err
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 2
     assert "no bcr-s1, grpo-s1, lenpen-s1" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["base", "empty"] and not os.listdir(tmp_path / "empty")  # nothing written
+    assert sorted(os.listdir(tmp_path)) == ["base"]  # nothing written, not even the mistyped out_dir
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=bcr"]) == 0
     before = digest(tmp_path / "bcr-s1")
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--rl_steps=5"]) == 2
