@@ -356,3 +356,14 @@ def findings(cfg, ev):
                                        f"base: {spread(f['lp_acc'], '{:+.3f}')}, tokens {spread(f['lp_tok'])} x the "
                                        f"base's; collapsed in {collapsed} of {len(f['lp_acc'])} seeds "
                                        f"(collapse: more than 10 points of accuracy lost)"}}
+
+
+def budget_aware(es, Nmax):
+    """Beyond the paper: does budget-aware BCR (task mix, the ablations' entries es) spend less per
+    problem when C/N is short, instead of running into the cap?"""
+    mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
+    shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
+    cut = [a["truncation_rate"] for a, _ in mix]
+    return {"reproduced": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
+            "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
+                        f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}

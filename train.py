@@ -331,7 +331,8 @@ class Run:
         if self.rank == 0:
             meta = {"train": asdict(self.cfg), "step": step, "done": step == self.total,
                     "wall_s": self.wall + time.perf_counter() - self.t0}
-            save_checkpoint(self.folder, self.model, build_tokenizer(), meta, {"step": step, "opt": self.opt.state_dict()})
+            state = {"step": step, "opt": self.opt.state_dict()}
+            save_checkpoint(self.folder, self.model, build_tokenizer(), meta, state)
         if self.world > 1 and step == self.total:
             dist.barrier()
 
@@ -467,70 +468,99 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy=True):
 
 # ----------------------------------------------------------------------------- report
 
-def curve(path):
-    """A run's training curve from its step log, every step (none for a run copied without its log)."""
-    rows = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
-    return [{k: r[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")} for r in rows]
+WHAT = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",
+        "lenpen": "length penalty, N = 1 under C", **{k: f"{t} {v}" for k, (t, v) in ABLATIONS.items()}}
 
 
 def entries(cfg, ev):
     """One report entry per run: its N-sweep, its N = 1 figures, the truncation model's prediction
-    of its sweep (bcr.predict), its training curve."""
-    out = []
+    of its sweep (bcr.predict), its training curve (none for a run copied without its step log)."""
+    out, C = [], bcr.budget(cfg)
     for run, rows in ev.items():
         name, _, seed = run.removeprefix("abl-").rpartition("-s") if run != "base" else ("base", "", "")
-        room = [dict(r, room=True) for r in rows["rows"] if r["budget"] != bcr.budget(cfg)]
-        sweep = [r for r in rows["rows"] if r["budget"] == bcr.budget(cfg)]
+        log = f"{cfg.out_dir}/{run}.jsonl"
+        curve = [json.loads(x) for x in open(log)] if run != "base" and os.path.exists(log) else []
+        sweep = [r for r in rows["rows"] if r["budget"] == C]
         one = bcr.pick(sweep, 1)
-        out.append({"name": name, "seed": int(seed) if seed else None, "eval": sweep, "eval_room": room,
+        out.append({"name": name, "seed": int(seed) if seed else None, "eval": sweep,
+                    "eval_room": [dict(r, room=True) for r in rows["rows"] if r["budget"] != C],
                     "free_lunch": {k: one[k] for k in ("budget", "acc", "tokens_per_problem", "loops_per_problem",
                                                         "steps_per_problem", "direct_share")},
-                    "predicted": bcr.predict(one.pop("samples"), bcr.budget(cfg), eval_Ns(cfg)),
-                    "curve": curve(f"{cfg.out_dir}/{run}.jsonl") if run != "base" else []})
+                    "predicted": bcr.predict(one.pop("samples"), C, eval_Ns(cfg)),
+                    "curve": [{k: c[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")}
+                              for c in curve]})
     return out
 
 
-def table(report, decoding):
-    out = ["| model | seed | N | acc | tokens/problem | predicted acc, tokens | direct share | loops | steps "
-           "| truncated | acc by slot |", "|" + "---|" * 11]
-    for e in report["runs"]:
-        pred = {p["N"]: p for p in e["predicted"]}
-        for r in e["eval"] + e["eval_room"]:
-            if r["decoding"] == decoding:
-                p = pred.get(r["N"]) if decoding == "sample" and not r.get("room") else None
-                out.append(f"| {e['name']}{' (room)' if r.get('room') else ''} | {e['seed'] or '-'} | {r['N']} | "
-                           f"{r['acc']:.3f} | {r['tokens_per_problem']:.1f} | "
-                           + (f"{p['acc']:.3f}, {p['tokens_per_problem']:.1f}" if p else "-") +
-                           f" | {r['direct_share']:.2f} | {r['loops_per_problem']:.2f} | "
-                           f"{r['steps_per_problem']:.2f} | "
-                           f"{r['truncation_rate']:.2f} | " + " ".join(f"{a:.2f}" for a in r["acc_by_slot"]) + " |")
+def summary(es, Nmax):
+    """Markdown: one row per model, mean (min, max) over its seeds, at N = 1 and at the largest N."""
+    cols = [(1, "acc", "acc", "{:.3f}"), (1, "tokens_per_problem", "tokens/problem", "{:.1f}"),
+            (1, "direct_share", "direct share", "{:.2f}"), (1, "loops_per_problem", "loops", "{:.2f}"),
+            (Nmax, "acc", "acc", "{:.3f}"), (Nmax, "tokens_per_problem", "tokens/problem", "{:.1f}"),
+            (Nmax, "truncation_rate", "truncated", "{:.2f}")]
+    out = ["| run | what | " + " | ".join(f"N={N} {h}" for N, _, h, _ in cols) + f" | tokens N={Nmax} / N=1 |",
+           "|" + "---|" * (len(cols) + 3)]
+    for name in WHAT:
+        at = [{N: bcr.pick(e["eval"], N) for N in (1, Nmax)} for e in es if e["name"] == name]
+        if at:
+            cells = [bcr.spread([a[N][k] for a in at], fmt) for N, k, _, fmt in cols]
+            ratio = [a[Nmax]["tokens_per_problem"] / a[1]["tokens_per_problem"] for a in at]
+            out.append(f"| {name} | {WHAT[name]} | " + " | ".join(cells + [bcr.spread(ratio, "{:.2f}")]) + " |")
     return "\n".join(out)
 
 
-def write_report(cfg, device, ev):
+def sweep_table(es):
+    """Markdown: every row of every run's sweep, beside the truncation model's prediction."""
+    out = ["| model | seed | decoding | N | budget | acc | tokens/problem | predicted acc, tokens | direct share "
+           "| loops | steps | truncated | acc by slot |", "|" + "---|" * 13]
+    for e in es:
+        pred = {p["N"]: p for p in e["predicted"]}
+        for r in e["eval"] + e["eval_room"]:
+            p = pred.get(r["N"]) if r["decoding"] == "sample" and not r.get("room") else None
+            cells = [e["name"], e["seed"] or "-", r["decoding"], r["N"], r["budget"], f"{r['acc']:.3f}",
+                     f"{r['tokens_per_problem']:.1f}", f"{p['acc']:.3f}, {p['tokens_per_problem']:.1f}" if p else "-",
+                     *(f"{r[k]:.2f}" for k in ("direct_share", "loops_per_problem", "steps_per_problem",
+                                               "truncation_rate")), " ".join(f"{a:.2f}" for a in r["acc_by_slot"])]
+            out.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(out)
+
+
+def write_report(cfg, device, ev, name="report"):
+    """out/<name>.json: config, versions, wall times, one entry per run and the claims checked
+    (report: the paper's four, bcr.findings; ablations: budget-aware BCR); out/<name>.md: the same
+    as tables; for the report also the figure, out/report.png."""
+    es, C, Nmax = entries(cfg, ev), bcr.budget(cfg), max(eval_Ns(cfg))
     wall = {"pretrain": ev["base"]["train_wall_s"]}
-    for stage in ("bcr", "grpo", "lenpen"):
-        wall[stage] = sum(e["train_wall_s"] for r, e in ev.items() if r.startswith(stage))
-    wall["eval"] = sum(e["wall_s"] for e in ev.values())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    report = {"config": asdict(cfg), "device": f"{name}, RL update in "
-              f"{'bf16' if update_bf16(cfg.update_dtype, device) else 'fp32'}",
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "wall_s": wall, "runs": entries(cfg, ev), "findings": bcr.findings(cfg, ev),
+    for e, v in zip(es, ev.values()):
+        if e["name"] != "base":
+            wall[e["name"]] = wall.get(e["name"], 0.0) + v["train_wall_s"]
+    wall["eval"] = sum(v["wall_s"] for v in ev.values())
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    report = {"config": asdict(cfg), "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "device": f"{gpu}, RL update in {'bf16' if update_bf16(cfg.update_dtype, device) else 'fp32'}",
+              "wall_s": wall, "runs": es,
+              "findings": bcr.findings(cfg, ev) if name == "report" else {"budget_aware": bcr.budget_aware(es, Nmax)},
               # the yardstick: the loop-free trace of the eval problems, <eos> included
               "concise_tokens_per_problem": statistics.mean(len(solution(p, 1)) + 1 for p in eval_problems(cfg))}
-    md = [f"# nanoBCR report\n\ntorch {report['versions']['torch']} on {report['device']}; wall time (s): "
-          + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + f"; the loop-free trace of the eval problems: "
-          f"{report['concise_tokens_per_problem']:.1f} tokens per problem; shared budget C = {bcr.budget(cfg)}\n",
-          "## Findings\n"]
-    md += [f"- **{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}."
-           for k, v in report["findings"].items()]
-    md += ["\n## Sampled sweep (T = 1) under C (and the base with room); predicted: the truncation model\n",
-           table(report, "sample"), "\n## Greedy decoding under C\n", table(report, "greedy"),
-           "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
-    atomic_write(f"{cfg.out_dir}/report.json", json.dumps(report, indent=1))
-    atomic_write(f"{cfg.out_dir}/report.md", "\n".join(md))
-    return plot(report, f"{cfg.out_dir}/report.png")
+    found = [f"**{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}."
+             for k, v in report["findings"].items()]
+    if name == "ablations":  # docs/ablations.md is a copy of this file
+        aware = report["findings"]["budget_aware"]
+        md = [f"# nanoBCR ablations\n\nSampled sweep under C = {C}, mean (min, max) over seeds {cfg.seed}.."
+              f"{cfg.seed + cfg.seeds - 1}; b and N vary in training only.\n", summary(es, Nmax),
+              f"\n**Budget-aware BCR**: {'reached' if aware['reproduced'] else 'NOT reached'}: "
+              f"{aware['evidence']}.", ""]
+    else:
+        md = [f"# nanoBCR report\n\ntorch {torch.__version__} on {report['device']}; wall time (s): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + "; the loop-free trace of the eval problems: "
+              f"{report['concise_tokens_per_problem']:.1f} tokens per problem; shared budget C = {C}\n",
+              "## Findings\n", *(f"- {x}" for x in found), "\n## Mean (min, max) over seeds, sampled under C\n",
+              summary(es, Nmax), "\n## Every sweep: under C, and the base's with room; predicted: the truncation "
+              "model\n", sweep_table(es), "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
+    atomic_write(f"{cfg.out_dir}/{name}.json", json.dumps(report, indent=1))
+    atomic_write(f"{cfg.out_dir}/{name}.md", "\n".join(md))
+    return (plot(report, f"{cfg.out_dir}/report.png") + "; " if name == "report" else "") + \
+        f"wrote {cfg.out_dir}/{name}.md and {name}.json"
 
 
 def plot(report, path):
@@ -552,8 +582,9 @@ def plot(report, path):
             if name == "bcr":
                 pred = [statistics.mean(p[key] for e in es for p in e["predicted"] if p["N"] == N) for N in Ns]
                 ax[j].plot(Ns, pred, "--", color=f"C{i}", label="bcr, truncation model")
-        for e in es[:1] if name != "base" else []:
-            ax[2].plot([c["step"] for c in e["curve"]], [c["acc"] for c in e["curve"]], color=f"C{i}", label=name)
+        if name != "base":
+            ax[2].plot([c["step"] for c in es[0]["curve"]], [c["acc"] for c in es[0]["curve"]], color=f"C{i}",
+                       label=name)
     C = report["config"]["C"] or 4 * report["config"]["b"]
     ax[1].plot(Ns, [C / N for N in Ns], ":", color="gray", label="C / N")
     for a, t in zip(ax, ("accuracy (sampled) vs N, one shared budget C", "tokens per problem vs N",
@@ -565,37 +596,6 @@ def plot(report, path):
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return f"wrote {path}"
-
-
-def write_ablations(cfg, ev):
-    """out/ablations.json (the report's fields, one entry per run) and .md (mean (min, max) over seeds)."""
-    es, Nmax = entries(cfg, ev), max(eval_Ns(cfg))
-    out = ["| run | what | N=1 acc | N=1 tokens/problem | N=1 direct share | N=1 loops | "
-           f"N={Nmax} acc | N={Nmax} tokens/problem | N={Nmax} truncated | tokens N={Nmax} / N=1 |", "|" + "---|" * 10]
-    what = {"base": "the verbose base", "bcr": "BCR, the default", **{k: f"{t} {v}" for k, (t, v) in ABLATIONS.items()}}
-    for name in what:
-        sel = [e for e in es if e["name"] == name]
-        if sel:
-            one, top = [bcr.pick(e["eval"], 1) for e in sel], [bcr.pick(e["eval"], Nmax) for e in sel]
-            cells = [bcr.spread([r[k] for r in rows], fmt) for rows, k, fmt in (
-                (one, "acc", "{:.3f}"), (one, "tokens_per_problem", "{:.1f}"), (one, "direct_share", "{:.2f}"),
-                (one, "loops_per_problem", "{:.2f}"), (top, "acc", "{:.3f}"), (top, "tokens_per_problem", "{:.1f}"),
-                (top, "truncation_rate", "{:.2f}"))]
-            cells.append(bcr.spread([b["tokens_per_problem"] / a["tokens_per_problem"] for a, b in zip(one, top)],
-                                "{:.2f}"))
-            out.append(f"| {name} | {what[name]} | " + " | ".join(cells) + " |")
-    mix = [(bcr.pick(e["eval"], Nmax), bcr.pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
-    shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
-    cut = [a["truncation_rate"] for a, _ in mix]
-    aware = {"reached": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
-             "evidence": f"budget-aware BCR (mix) spends {bcr.spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
-                         f"(target <= 0.8) with truncation {bcr.spread(cut)} (target <= 0.10)"}
-    atomic_write(f"{cfg.out_dir}/ablations.json",
-                 json.dumps({"config": asdict(cfg), "budget_aware": aware, "runs": es}, indent=1))
-    atomic_write(f"{cfg.out_dir}/ablations.md", f"# nanoBCR ablations\n\nSampled sweep under C = {bcr.budget(cfg)}, "
-          f"mean (min, max) over seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}; b and N vary in training only.\n\n"
-          + "\n".join(out) + f"\n\n**Budget-aware BCR**: {'reached' if aware['reached'] else 'NOT reached'}: "
-          f"{aware['evidence']}.\n")
 
 
 def lock(out_dir):
@@ -638,17 +638,12 @@ def main(argv=None):
         for run, (name, tcfg) in todo.items():
             if name in wanted or run.startswith("abl-"):
                 rl(tcfg, name, run, int(run.rpartition("-s")[2]), tok, rank, world, device)
-        if stage in ("all", "eval", "report"):  # --stage=eval: whatever runs are there
-            ev = evaluate_runs(cfg, {r: v for r, v in todo.items() if stage != "eval" or r not in missing},
-                               rank, world, device)
+        if stage in ("all", "eval", "report", "ablations"):  # --stage=eval: whatever runs are there
+            ev = evaluate_runs(cfg, {r: v for r, v in todo.items() if not (stage == "eval" and r in missing) and not
+                                     (stage == "ablations" and r.startswith(("grpo", "lenpen")))},
+                               rank, world, device, greedy=stage != "ablations")  # ablations: sampled only
             if stage != "eval" and rank == 0:
-                print(write_report(cfg, device, ev) + f"; wrote {cfg.out_dir}/report.md and report.json")
-        if stage == "ablations":  # each variant beside the base and the default BCR, sampled only
-            ev = evaluate_runs(cfg, {r: v for r, v in todo.items() if not r.startswith(("grpo", "lenpen"))},
-                               rank, world, device, greedy=False)
-            if rank == 0:
-                write_ablations(cfg, ev)
-                print(f"wrote {cfg.out_dir}/ablations.md and ablations.json")
+                print(write_report(cfg, device, ev, "ablations" if stage == "ablations" else "report"))
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
     except (ValueError, OSError) as e:  # bad input, or a file it cannot write or read (named in the message)

@@ -225,7 +225,8 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     assert row["problems"] >= 8 and len(row["acc_by_slot"]) == row["N"] and 0 <= row["acc"] <= 1
     n, acc = row["problems"], row["acc"]  # N = 1: the binomial standard error of one evaluation
     assert row["N"] == 1 and abs(row["acc_se"] - (acc * (1 - acc) / (n - 1)) ** 0.5) < 1e-6
-    assert (out / "report.md").read_text().startswith("# nanoBCR report")
+    md = (out / "report.md").read_text()  # the findings, then mean (min, max) over seeds per model, then every row
+    assert md.startswith("# nanoBCR report") and all(f"| {n} | " in md for n in ("base", "bcr", "grpo", "lenpen"))
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib is in the test requirements
 
 
@@ -235,6 +236,7 @@ def test_ablations_command(tiny, tmp_path):
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=ablations", "--rl_steps=2"]) == 0
     rep = json.load(open(tmp_path / "ablations.json"))
     names = {e["name"] for e in rep["runs"]}
+    assert isinstance(rep["findings"]["budget_aware"]["reproduced"], bool)  # the one claim beyond the paper
     assert names == {"base", "bcr"} | set(train.ABLATIONS)
     for e in rep["runs"]:
         if e["name"] in train.ABLATIONS:  # each trained with its own flags, evaluated on the shared sweep
