@@ -31,8 +31,9 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
 The N-sweep evaluation (evaluate) is here too: N problems per prompt under one shared completion
 budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem, the share
 of problems answered directly (no steps), truncation and accuracy by slot; predict(), the
-truncation model that says what the sweep would be if a model never adapted to N; and findings(),
-the paper's four claims checked against the sweeps, each with a target that could fail.
+truncation model that says what the sweep would be if a model never adapted to N; findings(), the
+paper's four claims checked against the sweeps, each with a target that could fail; and
+budget_aware(), the same for the one claim beyond the paper (task "mix").
 """
 import math
 import statistics

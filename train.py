@@ -427,42 +427,37 @@ def eval_problems(cfg):
     return [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
 
 
-def evaluation(cfg, run, rank, world, device, greedy=True):
-    """The N-sweep of one model under the shared budget C, sampled (and greedy at N = 1); the base
-    also gets a sampled sweep with room to finish. Cached in <run>/eval.json, keyed by the eval config."""
-    path = f"{cfg.out_dir}/{run}/eval.json"
-    key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "greedy": greedy}
-    try:
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return cached
-    except (OSError, ValueError, AttributeError, RecursionError):  # none yet, or a corrupt cache: recomputed
-        pass
-    t0 = time.perf_counter()
-    model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
-    problems, C, Ns = eval_problems(cfg), bcr.budget(cfg), eval_Ns(cfg)
-    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))
-    plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * greedy  # greedy: the free lunch's N only
-    plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []  # its targets' Ns
-    rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, decode_mode(cfg, device),
-                         rank, world) for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
-    out = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
-    if rank == 0:
-        atomic_write(path, json.dumps(out))
-    return out
-
-
 def evaluate_runs(cfg, todo, rank, world, device, greedy=True):
-    """Each run's evaluation with its training time, after checking it as reuse would (same
-    training config but the eval flags, finished)."""
-    ev = {}
+    """The N-sweep of each run under the shared budget C, sampled (and greedy at N = 1); the base
+    also gets a sampled sweep with room to finish. A run is first checked as reuse would check it
+    (the same training config but the eval flags, finished); its rows are cached in <run>/eval.json,
+    keyed by the eval config. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s"}}."""
+    ev, C, Ns, problems = {}, bcr.budget(cfg), eval_Ns(cfg), eval_problems(cfg)
+    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))  # the base's sweep with room
     for run, (_, tcfg) in todo.items():
         keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
         meta = existing(f"{cfg.out_dir}/{run}", tcfg, keys, need_done=True)
         if meta is None:
             raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
-        ev[run] = dict(evaluation(cfg, run, rank, world, device, greedy or run == "base"), train_wall_s=meta["wall_s"])
+        path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
+        key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "greedy": g}
+        try:
+            with open(path) as f:
+                ev[run] = json.load(f)
+        except (OSError, ValueError, RecursionError):  # none yet, or a corrupt cache: recomputed
+            ev[run] = None
+        if not (isinstance(ev[run], dict) and ev[run].get("key") == key):
+            t0 = time.perf_counter()
+            model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
+            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: the free lunch's N only
+            plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []  # its targets' Ns
+            rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
+                                 decode_mode(cfg, device), rank, world)
+                    for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
+            ev[run] = {"key": key, "rows": rows, "wall_s": time.perf_counter() - t0}
+            if rank == 0:
+                atomic_write(path, json.dumps(ev[run]))
+        ev[run]["train_wall_s"] = meta["wall_s"]
     return ev
 
 

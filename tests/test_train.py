@@ -351,7 +351,15 @@ def test_eval_and_report_check_every_run_as_reuse_would(tiny, tmp_path, capsys):
     assert len(err) == 1 and "rl_steps: 4 there, 5 now" in err[0], err
     assert digest(tmp_path / "bcr-s1") == before
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--temperature=0.5"]) == 0
-    assert json.loads((tmp_path / "bcr-s1" / "eval.json").read_text())["key"]["temperature"] == 0.5
+    cache = tmp_path / "bcr-s1" / "eval.json"
+    assert json.loads(cache.read_text())["key"]["temperature"] == 0.5
+    kept = cache.read_bytes()  # the same flags again: the cached sweep is reused, not recomputed
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--temperature=0.5"]) == 0
+    assert cache.read_bytes() == kept
+    for bad in (b"[1]", b"{not json"):  # a cache that is not one: evaluated again, the same rows
+        cache.write_bytes(bad)
+        assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval", "--temperature=0.5"]) == 0
+        assert json.loads(cache.read_text())["rows"] == json.loads(kept)["rows"]
 
 
 def test_out_dir_that_is_a_file(tmp_path, capsys):
