@@ -537,8 +537,6 @@ def write_report(cfg, device, ev, name="report"):
               "findings": bcr.findings(cfg, ev) if name == "report" else {"budget_aware": bcr.budget_aware(es, Nmax)},
               # the yardstick: the loop-free trace of the eval problems, <eos> included
               "concise_tokens_per_problem": statistics.mean(len(solution(p, 1)) + 1 for p in eval_problems(cfg))}
-    found = [f"**{k}**: {'reproduced' if v['reproduced'] else 'NOT reproduced'}. {v['evidence']}."
-             for k, v in report["findings"].items()]
     if name == "ablations":  # docs/ablations.md is a copy of this file
         aware = report["findings"]["budget_aware"]
         md = [f"# nanoBCR ablations\n\nSampled sweep under C = {C}, mean (min, max) over seeds {cfg.seed}.."
@@ -549,9 +547,11 @@ def write_report(cfg, device, ev, name="report"):
         md = [f"# nanoBCR report\n\ntorch {torch.__version__} on {report['device']}; wall time (s): "
               + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + "; the loop-free trace of the eval problems: "
               f"{report['concise_tokens_per_problem']:.1f} tokens per problem; shared budget C = {C}\n",
-              "## Findings\n", *(f"- {x}" for x in found), "\n## Mean (min, max) over seeds, sampled under C\n",
-              summary(es, Nmax), "\n## Every sweep: under C, and the base's with room; predicted: the truncation "
-              "model\n", sweep_table(es), "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
+              "## Findings\n", *(f"- **{k}**: {'' if v['reproduced'] else 'NOT '}reproduced. {v['evidence']}."
+                                  for k, v in report["findings"].items()),
+              "\n## Mean (min, max) over seeds, sampled under C\n", summary(es, Nmax),
+              "\n## Every sweep: under C, and the base's with room; predicted: the truncation model\n", sweep_table(es),
+              "\n## Config\n\n```\n" + json.dumps(report["config"]) + "\n```\n"]
     atomic_write(f"{cfg.out_dir}/{name}.json", json.dumps(report, indent=1))
     atomic_write(f"{cfg.out_dir}/{name}.md", "\n".join(md))
     return (plot(report, f"{cfg.out_dir}/report.png") + "; " if name == "report" else "") + \
