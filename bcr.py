@@ -73,22 +73,11 @@ def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
     """Sample G completions for each packed prompt (a list of problems) under a hard cap, then
     score them. Returns prompt ids (P*G lists), completion tokens (P*G, cap), lengths (P*G,) and
     one Reward per completion; the G samples of a prompt are consecutive rows."""
-    ids, out, n = sample_groups(model, tok, groups, G, cap, temperature, generator, mode)
-    return ids, out, n, score_groups(tok, groups, G, out)
-
-
-def sample_groups(model, tok, groups, G, cap, temperature, generator, mode="eager"):
     ids = [p for p in encode(tok, [prompt(g) for g in groups]) for _ in range(G)]
     out, n = generate(model, ids, cap, temperature, 0, generator, mode)
-    if out.is_cuda:  # so that the caller's clock sees the sampling end here, not in score_groups
-        torch.cuda.synchronize(out.device)
-    return ids, out, n
-
-
-def score_groups(tok, groups, G, out):
     texts = tok.decode_batch(out.tolist())  # drops <pad> and <eos>
     truncated = ((out == EOS).sum(1) == 0).tolist()
-    return [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
+    return ids, out, n, [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
 
 
 def advantages(r, std_norm=True, eps=1e-4):
@@ -198,11 +187,9 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     are summed across processes, so the update equals the one-process update on all groups."""
     t0 = time.perf_counter()
     model.eval()
-    ids, out, n = sample_groups(model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
-    t1 = time.perf_counter()
-    rewards = score_groups(tok, groups, cfg.G, out)
+    ids, out, n, rewards = rollout(model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
     adv, r = token_advantages(rewards, n, cfg.G, cap, cfg)
-    t2 = time.perf_counter()
+    t1 = time.perf_counter()
     model.train()
     local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))], device=n.device)  # NCCL: on the GPU
     if world > 1:
@@ -213,14 +200,14 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     if finite:  # a NaN/inf step is never applied; train.py stops the stage on it
         opt.step()
     opt.zero_grad(set_to_none=True)
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     zero_var = (r.view(-1, cfg.G).std(1) == 0).float().mean().item()
     return {"finite": finite, "reward": r.mean().item(), "reward_std": r.std().item(),
             "acc": sum(x.acc for x in rewards) / len(rewards),
             "tokens": n.float().mean().item(), "loops": sum(x.loops for x in rewards) / len(rewards),
             "truncated": sum(x.truncated for x in rewards) / len(rewards), "zero_var_groups": zero_var,
             "grad_norm": grad_norm, "loss": loss.item(), **stats,
-            "t_rollout": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2}
+            "t_rollout": t1 - t0, "t_update": t2 - t1}
 
 
 @torch.no_grad()
