@@ -12,8 +12,8 @@ sample: batch 64, a short prompt, 96 new tokens at temperature 1 (every row forc
         vocab (random weights) if `transformers` is installed.
 train:  fwd+bwd+AdamW tokens/s on pretraining-shaped batches, with an MFU estimate against the
         fp32 (CUDA: bf16) matmul rate measured in the same run, and the same for the HF Llama.
-rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), split into rollout,
-        scoring and update; where the update runs in bf16 (a CPU with native bf16, or CUDA), the
+rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), split into rollout (with
+        scoring) and update; where the update runs in bf16 (a CPU with native bf16, or CUDA), the
         fp32 update is timed beside it on the same rollouts.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
         --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
