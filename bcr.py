@@ -141,7 +141,10 @@ def chunk_loss(model, ids, out, n, adv, cfg, ref, sums):
     """The summed loss of some rows (pg_loss's arguments, n a list); adds their entropy and
     completion-token count, and their KL and loss-weight sums, to `sums`."""
     device = model.wte.weight.device
+    bf16 = update_bf16(cfg.update_dtype, device)
     B, T = len(ids), max(len(p) + k for p, k in zip(ids, n))
+    if bf16 and device.type == "cpu":  # oneDNN builds a bf16 kernel for every new matmul shape, which costs
+        B, T = -(-B // 4) * 4, -(-(T - 1) // 16) * 16 + 1  # more than padding to a few shapes (new rows weigh 0)
     x = torch.full((B, T), PAD, dtype=torch.long)                             # (B, T)
     w = torch.zeros(B, T)                                                     # (B, T) loss weights
     a = torch.zeros(B, T)                                                     # (B, T) advantages
@@ -152,14 +155,14 @@ def chunk_loss(model, ids, out, n, adv, cfg, ref, sums):
         w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
     x, w, a = x.to(device), w[:, :-1].to(device), a[:, :-1].to(device)
-    seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids], device=device))  # (B, T-1)
-    with autocast(device, update_bf16(cfg.update_dtype, device)):
+    seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids] + [1] * (B - len(ids)), device=device))  # (B, T-1)
+    with autocast(device, bf16):
         logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
     logp_all = F.log_softmax(logits, -1)
     logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
     loss = -(a * logp * w).sum()
     if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
-        with torch.no_grad(), autocast(device, update_bf16(cfg.update_dtype, device)):
+        with torch.no_grad(), autocast(device, bf16):
             ref_logp = F.log_softmax(ref(x[:, :-1], seg).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         d = ref_logp - logp
         kl = d.exp() - d - 1

@@ -109,8 +109,9 @@ def test_pg_loss_chunks_by_length_change_nothing_but_rounding():
 
 
 def test_bf16_update_agrees_with_fp32():
-    """--update_dtype=bf16 (CPU autocast, attention kept in fp32): the fp32 loss and gradient to
-    bf16's precision, and not bitwise them (it did run in bf16)."""
+    """--update_dtype=bf16 (CPU autocast, attention kept in fp32, rows and length padded to a few
+    shapes): the fp32 loss, gradient, entropy and KL to bf16's precision, and not bitwise them (it
+    did run in bf16); the padding rows add nothing."""
     model = random_gpt(0)
     ids = [[5, 6, 7], [8, 9], [7, 7, 5, 6]]
     out = torch.tensor([[10, 11, EOS, 0], [12, 9, 9, EOS], [6, EOS, 0, 0]])
@@ -118,11 +119,11 @@ def test_bf16_update_agrees_with_fp32():
     got = {}
     for dtype in ("fp32", "bf16"):
         model.zero_grad()
-        loss, _ = pg_loss(model, ids, out, n, adv, 9.0, cfg(update_dtype=dtype))
+        loss, st = pg_loss(model, ids, out, n, adv, 9.0, cfg(update_dtype=dtype, kl=0.1), ref=random_gpt(1))
         loss.backward()
-        got[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
-    (l32, g32), (l16, g16) = got["fp32"], got["bf16"]
-    assert abs(l16 - l32) < 0.02 * abs(l32)
+        got[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]), st
+    (l32, g32, s32), (l16, g16, s16) = got["fp32"], got["bf16"]
+    assert abs(l16 - l32) < 0.02 * abs(l32) and all(abs(s16[k] - s32[k]) < 0.02 * abs(s32[k]) for k in s32)
     assert torch.nn.functional.cosine_similarity(g16, g32, 0) > 0.99 and not torch.equal(g16, g32)
 
 
