@@ -418,6 +418,9 @@ def test_cli_subprocesses(tiny):
     ok = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny / "base"), "--problems", "3+4, 9-2",
                          "--seed", "1"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "problem 2: 9-2 ->" in ok.stdout
+    cut = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny / "base"), "--problems", "3+4, 9-2",
+                          "--max_new", "3"], cwd=ROOT, capture_output=True, text=True)  # too short for any answer
+    assert "problem 1: 3+4 -> no answer" in cut.stdout and "cut by the cap" in cut.stdout, cut.stdout
     for cmd in (["train.py", "--N=-1"], ["sample.py", "--problems", "12+é"], ["tests/bench.py", "--rounds=0"],
                 ["tests/bench.py", "--ckpt", "/nonexistent"]):
         p = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
