@@ -234,9 +234,8 @@ def main(argv=None):
     r = score(text, problems, truncated=EOS not in out[0].tolist())
     lines = [prompt(problems) + text]
     for k, (p, a) in enumerate(zip(problems, r.answers), 1):
-        how = "no answer" if a is None else f"{a} ({'correct' if r.correct[k - 1] else 'wrong'}, " + \
-            ("directly)" if r.direct[k - 1] else "with steps)")
-        lines.append(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {how}")
+        how = f"{a} ({'correct' if r.correct[k - 1] else 'wrong'}, {'directly' if r.direct[k - 1] else 'with steps'})"
+        lines.append(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {how if a is not None else 'no answer'}")
     lines.append(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
     try:
         print("\n".join(lines), flush=True)
