@@ -28,31 +28,29 @@ Where this departs from the paper (whose code and hyper-parameters are not publi
 - beyond the paper, task "mix" (budget-aware BCR): N drawn per prompt from 1..max_N under the one
   cap C, to see whether a model learns to spend per problem what C/N allows.
 
-The N-sweep evaluation (evaluate) is here too: N problems per prompt under one shared completion
-budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem, the share
-of problems answered directly (no steps), truncation and accuracy by slot; predict(), the
-truncation model that says what the sweep would be if a model never adapted to N; findings(), the
-paper's four claims checked against the sweeps, each with a target that could fail; and
-budget_aware(), the same for the one claim beyond the paper (task "mix").
+The code reads in that order: packed prompts, rollouts, rewards, advantages, then pg_loss, the
+loss in its textbook form; pg_loss_fast computes the same loss and gradient with less work (tested
+against it). Then the N-sweep evaluation (evaluate): N problems per prompt under one shared
+completion budget C, the same for every N, reporting accuracy, tokens, loops and steps per problem,
+the share of problems answered directly (no steps), truncation and accuracy by slot; and predict(),
+the truncation model that says what the sweep would be if a model never adapted to N. report.py
+turns these rows into the verdicts.
 """
 import math
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import EOS, PAD, doc_rng, encode, packed_prompts, prompt, segments
+from data import EOS, PAD, columns, doc_rng, encode, packed_prompts, prompt, segments
 from reward import score
 from model import autocast, update_bf16
 from sample import generate
 
-
 def budget(cfg):
     """The shared completion budget C of the N-sweep, the same for every N."""
     return cfg.C or 4 * cfg.b
-
 
 def task(name, cfg):
     """What an RL run trains on: (the N of each packed prompt, drawn uniformly; the hard cap on the
@@ -62,12 +60,10 @@ def task(name, cfg):
             "grpo": ([1], budget(cfg), 0.0),                # vanilla GRPO, one problem, room to spare
             "lenpen": ([1], budget(cfg), cfg.lenpen)}[name]  # the explicit length penalty
 
-
 def rl_batch(name, cfg, seed, step):
     """The step's packed prompts (lists of problems): a pure function of (run, seed, step)."""
     Ns, rng = task(name, cfg)[0], doc_rng(f"{name}{seed}", step)
     return [packed_prompts(rng, cfg, 1, rng.choice(Ns))[0] for _ in range(cfg.prompts)]
-
 
 def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
     """Sample G completions for each packed prompt (a list of problems) under a hard cap, then
@@ -79,13 +75,11 @@ def rollout(model, tok, groups, G, cap, temperature, generator, mode="eager"):
     truncated = ((out == EOS).sum(1) == 0).tolist()
     return ids, out, n, [score(t, groups[i // G], tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
 
-
 def advantages(r, std_norm=True, eps=1e-4):
     """r (P, G, ...) rewards -> advantages (P, G, ...), centred (and scaled) within each group of
     G samples of one prompt. A group whose samples all scored alike gets zero: nothing to learn."""
     a = r - r.mean(1, keepdim=True)
     return a / (r.std(1, keepdim=True) + eps) if std_norm else a
-
 
 def token_advantages(rewards, lengths, G, cap, cfg):
     """Per-token advantages (B, cap) for the completion tokens, and the scalar rewards (B,).
@@ -107,73 +101,75 @@ def token_advantages(rewards, lengths, G, cap, cfg):
             out[i, start:end] = adv[i, k]
     return out, r
 
-
-def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None, max_pad=1.25):
-    """The policy-gradient loss of one batch of completions, ready for backward().
+def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None, pad_to=(1, 1)):
+    """BCR's objective in its textbook form: minus the advantage-weighted log-likelihood of the
+    sampled completion tokens, -sum_t A_t * w_t * log p(y_t | prompt, y_<t) / norm, where w_t is 1 on
+    completion tokens and 0 on the prompt and padding (1/|y| per sequence when not cfg.token_mean),
+    and norm is the batch's completion-token count (or number of sequences). With cfg.kl > 0, plus
+    kl * the k3 estimate of KL(policy || frozen base) on the same tokens.
     ids: prompt ids (B lists), out (B, cap) completion tokens, lengths (B,), adv (B, cap).
-    norm: what the summed loss is divided by (this batch's, or with several processes the global,
-    completion-token count for the token mean; the number of sequences for the sequence mean).
-    Rows are laid out prompt + completion, right-padded: positions 0..T-1 as in sampling."""
-    n = lengths.tolist()
-    # a row whose advantages are all zero (its group's samples scored alike) adds nothing to the
-    # gradient, so it is left out of the forward pass: same loss, less work once rewards saturate
-    # (the KL term needs every row; one row is kept so that backward() always has a graph)
-    keep = [i for i in range(len(ids)) if cfg.kl > 0 or adv[i, :n[i]].any()] or [0]
-    # rows sorted by length and cut into chunks padded by at most max_pad x their shortest row: one
-    # batch would pad every row to the longest, which one runaway completion makes several times the mean
-    keep.sort(key=lambda i: len(ids[i]) + n[i])
-    chunks = [[keep[0]]]
-    for i in keep[1:]:
-        if len(ids[i]) + n[i] > max_pad * (len(ids[chunks[-1][0]]) + n[chunks[-1][0]]):
-            chunks.append([])
-        chunks[-1].append(i)
-    loss, sums = 0.0, {"entropy": 0.0, "tokens": 0.0, "kl": 0.0, "weight": 0.0}
-    for rows in chunks:
-        loss = loss + chunk_loss(model, [ids[i] for i in rows], out[rows], [n[i] for i in rows], adv[rows],
-                                 cfg, ref, sums)
-    stats = {"entropy": (sums["entropy"] / sums["tokens"]).item()}  # one host sync, not one per chunk
-    if cfg.kl > 0:
-        stats["kl"] = (sums["kl"] / sums["weight"]).item()
-    return loss / norm, stats
-
-
-def chunk_loss(model, ids, out, n, adv, cfg, ref, sums):
-    """The summed loss of some rows (pg_loss's arguments, n a list); adds their entropy and
-    completion-token count, and their KL and loss-weight sums, to `sums`."""
-    device = model.wte.weight.device
-    bf16 = update_bf16(cfg.update_dtype, device)
+    Returns the loss and sums for the logs (entropy and KL over the completion tokens).
+    pad_to: rows and length rounded up to multiples of these (padding rows weigh 0; pg_loss_fast)."""
+    device, n = model.wte.weight.device, lengths.tolist()
     B, T = len(ids), max(len(p) + k for p, k in zip(ids, n))
-    if bf16 and device.type == "cpu":  # oneDNN builds a bf16 kernel for every new matmul shape, which costs
-        B, T = -(-B // 4) * 4, -(-(T - 1) // 16) * 16 + 1  # more than padding to a few shapes (new rows weigh 0)
-    x = torch.full((B, T), PAD, dtype=torch.long)                             # (B, T)
+    B, T = -(-B // pad_to[0]) * pad_to[0], -(-(T - 1) // pad_to[1]) * pad_to[1] + 1
+    x = torch.full((B, T), PAD, dtype=torch.long)                             # (B, T) prompt + completion
     w = torch.zeros(B, T)                                                     # (B, T) loss weights
     a = torch.zeros(B, T)                                                     # (B, T) advantages
     for i, (p, k) in enumerate(zip(ids, n)):
-        x[i, :len(p)] = torch.tensor(p)
-        x[i, len(p):len(p) + k] = out[i, :k]
+        x[i, :len(p)], x[i, len(p):len(p) + k] = torch.tensor(p), out[i, :k]
         # logits at position t predict token t+1: completion token j is predicted at len(p)-1+j
         w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
     x, w, a = x.to(device), w[:, :-1].to(device), a[:, :-1].to(device)
     seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids] + [1] * (B - len(ids)), device=device))  # (B, T-1)
+    bf16 = update_bf16(cfg.update_dtype, device)
     with autocast(device, bf16):
         logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
-    logp_all = F.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1)
+    logp_all = F.log_softmax(logits, -1)                                      # (B, T-1, V)
+    logp = logp_all.gather(-1, x[:, 1:, None]).squeeze(-1)                    # (B, T-1) log p(y_t)
     loss = -(a * logp * w).sum()
+    sums = {}
     if cfg.kl > 0:  # k3 estimator of KL(policy || frozen base), per token (Schulman's note)
         with torch.no_grad(), autocast(device, bf16):
             ref_logp = F.log_softmax(ref(x[:, :-1], seg).float(), -1).gather(-1, x[:, 1:, None]).squeeze(-1)
         d = ref_logp - logp
-        kl = d.exp() - d - 1
+        kl = d.exp() - d - 1                                                  # (B, T-1)
         loss = loss + cfg.kl * (kl * w).sum()
-        sums["kl"], sums["weight"] = sums["kl"] + (kl * w).sum().detach(), sums["weight"] + w.sum()
+        sums = {"kl": (kl * w).sum().detach(), "weight": w.sum()}
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)                            # (B, T-1)
-        sums["entropy"] += (ent * (w > 0)).sum()
-        sums["tokens"] += (w > 0).sum()
-    return loss
+        sums.update(entropy=(ent * (w > 0)).sum(), tokens=(w > 0).sum())
+    return loss / norm, sums
 
+def pg_loss_fast(model, ids, out, lengths, adv, norm, cfg, ref=None, max_pad=1.25):
+    """pg_loss's loss and gradient (to float rounding) with less work; returns the loss and the
+    entropy (and KL) means. Three savings:
+    - a row whose advantages are all zero (its group's samples scored alike) adds nothing to the
+      gradient, so it is left out of the forward (the KL term needs every row; one row is kept so
+      that backward() always has a graph): less work once rewards saturate;
+    - rows sorted by length and cut into chunks padded by at most max_pad x their shortest row: one
+      batch would pad every row to the longest, which one runaway completion makes several times the mean;
+    - under a bf16 update on CPU, chunks padded to rows x4 and length x16: oneDNN builds a kernel for
+      every new matmul shape, which costs more than padding to a few shapes."""
+    n = lengths.tolist()
+    used = [i for i in range(len(ids)) if cfg.kl > 0 or adv[i, :n[i]].any()] or [0]
+    used.sort(key=lambda i: len(ids[i]) + n[i])
+    chunks = [[used[0]]]
+    for i in used[1:]:
+        if len(ids[i]) + n[i] > max_pad * (len(ids[chunks[-1][0]]) + n[chunks[-1][0]]):
+            chunks.append([])
+        chunks[-1].append(i)
+    device = model.wte.weight.device
+    pad_to = (4, 16) if update_bf16(cfg.update_dtype, device) and device.type == "cpu" else (1, 1)
+    loss, sums = 0.0, {}
+    for rows in chunks:  # each chunk's summed loss (norm 1), divided once at the end as one batch would be
+        part, s = pg_loss(model, [ids[i] for i in rows], out[rows], lengths[rows], adv[rows], 1.0, cfg, ref, pad_to)
+        loss, sums = loss + part, {k: sums.get(k, 0.0) + v for k, v in s.items()}
+    stats = {"entropy": (sums["entropy"] / sums["tokens"]).item()}  # one host sync, not one per chunk
+    if cfg.kl > 0:
+        stats["kl"] = (sums["kl"] / sums["weight"]).item()
+    return loss / norm, stats
 
 def finish_grads(model, clip, world, loss):
     """Sum the gradients over processes, clip them; (norm, whether loss and gradients are finite)."""
@@ -182,7 +178,6 @@ def finish_grads(model, clip, world, loss):
             dist.all_reduce(p.grad)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
     return norm, math.isfinite(norm) and math.isfinite(loss)
-
 
 def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     """One on-policy step: rollout, score, one optimizer update. Returns a metrics dict.
@@ -197,7 +192,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))], device=n.device)  # NCCL: on the GPU
     if world > 1:
         dist.all_reduce(local)
-    loss, stats = pg_loss(model, ids, out.cpu(), n.cpu(), adv, local.item(), cfg, ref)
+    loss, stats = pg_loss_fast(model, ids, out.cpu(), n.cpu(), adv, local.item(), cfg, ref)
     loss.backward()
     grad_norm, finite = finish_grads(model, cfg.grad_clip, world, loss.item())
     if finite:  # a NaN/inf step is never applied; train.py stops the stage on it
@@ -212,12 +207,10 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
             "grad_norm": grad_norm, "loss": loss.item(), **stats,
             "t_rollout": t1 - t0, "t_update": t2 - t1}
 
-
 @torch.no_grad()
-def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode="eager",
-             rank=0, world=1):
+def evaluate(model, tok, problems, N, cap, temperature, seed, batch=256, mode="eager", rank=0, world=1):
     """Solve `problems` N at a time (ceil(len/N) prompts, reusing the first ones to fill the last
-    prompt) under a completion budget; with several processes each takes every world-th prompt
+    prompt) under a completion budget `cap`; with several processes each takes every world-th prompt
     and the results are gathered. Returns one report row (train.py's report.json keeps them)."""
     model.eval()
     device = model.wte.weight.device
@@ -225,36 +218,48 @@ def evaluate(model, tok, problems, N, budget, temperature, seed, batch=256, mode
     flat = (problems * 2)[:n_prompts * N]
     groups = [flat[i * N:(i + 1) * N] for i in range(n_prompts)][rank::world]
     gen = torch.Generator(device).manual_seed(seed * 1000 + N * 10 + rank)
-    results = []  # (reward, tokens) per prompt
+    results = []  # (reward, tokens, first problem's column count) per prompt
     for i in range(0, len(groups), batch):
-        _, _, n, rewards = rollout(model, tok, groups[i:i + batch], 1, budget, temperature, gen, mode)
-        results += zip(rewards, n.tolist())
+        _, _, n, rewards = rollout(model, tok, groups[i:i + batch], 1, cap, temperature, gen, mode)
+        results += zip(rewards, n.tolist(), [columns(g[0]) for g in groups[i:i + batch]])
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = [x for part in gathered for x in part]
-    n_prob, tokens = len(results) * N, torch.tensor([float(k) for _, k in results])
-    answered = [(d, c) for r, _ in results for d, c, a in zip(r.direct, r.correct, r.answers) if a is not None]
-    row = {"N": N, "budget": budget, "decoding": "greedy" if temperature == 0 else "sample",
+    n_prob, tokens = len(results) * N, torch.tensor([float(k) for _, k, _ in results])
+    answered = [(d, c) for r, *_ in results for d, c, a in zip(r.direct, r.correct, r.answers) if a is not None]
+    row = {"N": N, "budget": cap, "decoding": "greedy" if temperature == 0 else "sample",
            "problems": n_prob,
-           "acc": sum(sum(r.correct) for r, _ in results) / n_prob,
+           "acc": sum(sum(r.correct) for r, *_ in results) / n_prob,
            # one evaluation's sampling noise: the standard error over prompts (N=1: binomial)
-           "acc_se": (torch.tensor([r.acc for r, _ in results]).std() / len(results) ** 0.5).item(),
+           "acc_se": (torch.tensor([r.acc for r, *_ in results]).std() / len(results) ** 0.5).item(),
            "tokens_per_problem": tokens.sum().item() / n_prob,
            "tokens_per_problem_se": (tokens.std() / N / len(results) ** 0.5).item(),  # standard error
-           "loops_per_problem": sum(r.loops for r, _ in results) / n_prob,
-           "steps_per_problem": sum(r.steps for r, _ in results) / n_prob,
-           "truncation_rate": sum(r.truncated for r, _ in results) / len(results),
-           "format_rate": sum(r.format_ok for r, _ in results) / len(results),
-           "acc_by_slot": [sum(r.correct[k] for r, _ in results) / len(results) for k in range(N)]}
+           "loops_per_problem": sum(r.loops for r, *_ in results) / n_prob,
+           "steps_per_problem": sum(r.steps for r, *_ in results) / n_prob,
+           "truncation_rate": sum(r.truncated for r, *_ in results) / len(results),
+           "format_rate": sum(r.format_ok for r, *_ in results) / len(results),
+           "acc_by_slot": [sum(r.correct[k] for r, *_ in results) / len(results) for k in range(N)]}
     for name, d in (("direct", True), ("stepped", False)):  # the two strategies, told apart per problem
         right = [c for x, c in answered if x == d]
         row[f"{name}_share"] = len(right) / n_prob
         row[f"acc_{name}"] = sum(right) / len(right) if right else None
-    if N == 1:  # what predict() needs: each problem's tokens and score
-        row["samples"] = [[k, r.correct[0]] for r, k in results]
+    if N == 1:  # what predict() and report.predictions() need, per problem and from the first token
+        row["samples"] = [[k, r.correct[0], r.direct[0], r.loops, c] for r, k, c in results]
+        row["p_first"] = first_token(model, tok, problems)
     return row
 
+@torch.no_grad()
+def first_token(model, tok, problems):
+    """How likely the shortest completions are at N = 1: the mean probability that the model's
+    answer starts with <eos> (empty) or with the answer label "A" (no restatement, no steps)."""
+    device, ids, p = model.wte.weight.device, encode(tok, [prompt([q]) for q in problems]), []
+    for L in sorted({len(x) for x in ids}):  # prompts of one length: a batch with no padding
+        x = torch.tensor([i for i in ids if len(i) == L], device=device)          # (b, L)
+        with autocast(device):
+            p.append(model(x, segments(x, L))[:, -1].float().softmax(-1))        # (b, V)
+    p = torch.cat(p)
+    return {"eos": p[:, EOS].mean().item(), "A": p[:, tok.token_to_id("A")].mean().item()}
 
 def predict(samples, C, Ns):
     """The truncation model of the N-sweep: what a model would score if it solved every problem of
@@ -263,9 +268,9 @@ def predict(samples, C, Ns):
     by convolving the per-problem length distribution: problem k scores iff it is right and the
     first k solutions fit in C. A model above the prediction at large N has learned to spend less
     per problem when the budget is short; one on it has not adapted at all."""
-    L = torch.tensor([k - 1 for k, _ in samples]).clamp(max=C + 1)                 # (n,) without <eos>
+    L = torch.tensor([s[0] - 1 for s in samples]).clamp(max=C + 1)                 # (n,) without <eos>
     pmf = torch.bincount(L, minlength=C + 2).double() / len(L)                       # (C+2,) last: > C
-    hit = torch.bincount(L, torch.tensor([float(c) for _, c in samples]).double(), C + 2) / len(L)
+    hit = torch.bincount(L, torch.tensor([float(s[1]) for s in samples]).double(), C + 2) / len(L)
     fits = hit[:C + 1].cumsum(0)                      # (C+1,) P(right and length <= m), m = 0..C
     S, acc, out = torch.zeros(C + 1, dtype=torch.float64), 0.0, []  # S: P(first k solutions used s)
     S[0] = 1.0
@@ -278,83 +283,3 @@ def predict(samples, C, Ns):
             used = (S * (torch.arange(C + 1) + 1).clamp(max=C)).sum().item() + (1 - S.sum().item()) * C
             out.append({"N": N, "acc": acc / N, "tokens_per_problem": used / N})
     return out
-
-
-# ----------------------------------------------------------------------------- the paper's claims
-
-def pick(rows, N, decoding="sample"):
-    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding and not r.get("room"))
-
-
-def ratio(a, b):
-    return a / b if b else float("nan")  # nan (never "reproduced") when the base has none, e.g. a smoke run
-
-
-def spread(xs, fmt="{:.3f}"):
-    return fmt.format(statistics.mean(xs)) + (f" ({fmt.format(min(xs))}, {fmt.format(max(xs))})" if len(xs) > 1 else "")
-
-
-def non_increasing(rows):
-    """Tokens per problem never rise over the sweep, where a rise under twice its standard error is noise."""
-    return all(b["tokens_per_problem"] - a["tokens_per_problem"] <= 2 * math.hypot(
-        a["tokens_per_problem_se"], b["tokens_per_problem_se"]) for a, b in zip(rows, rows[1:]))
-
-
-def findings(cfg, ev):
-    """The paper's four claims, each checked on every seed against a target that could fail."""
-    Ns, seeds = [int(x) for x in cfg.eval_Ns.split(",")], range(cfg.seed, cfg.seed + cfg.seeds)
-    base = ev["base"]["rows"]
-    b1, bN = pick(base, 1), pick(base, max(Ns))
-    keep = lambda rows: pick(rows, max(Ns))["acc"] / max(pick(rows, 1)["acc"], 1e-9)  # noqa: E731 (acc kept to N max)
-    f = {k: [] for k in ("tok", "acc", "loops", "steps", "mono", "keep", "lp_keep", "grpo_loops", "lp_acc", "lp_tok")}
-    for s in seeds:
-        r, lp = ev[f"bcr-s{s}"]["rows"], ev[f"lenpen-s{s}"]["rows"]
-        x1 = pick(r, 1)
-        f["tok"].append(ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]))
-        f["acc"].append(x1["acc"] - b1["acc"])
-        f["loops"].append(ratio(x1["loops_per_problem"], b1["loops_per_problem"]))
-        f["steps"].append(ratio(x1["steps_per_problem"], b1["steps_per_problem"]))
-        f["mono"].append(non_increasing([pick(r, N) for N in Ns]))
-        f["keep"].append(keep(r))
-        f["lp_keep"].append(keep(lp))
-        f["grpo_loops"].append(ratio(pick(ev[f"grpo-s{s}"]["rows"], 1)["loops_per_problem"], b1["loops_per_problem"]))
-        f["lp_acc"].append(pick(lp, 1)["acc"] - b1["acc"])
-        f["lp_tok"].append(ratio(pick(lp, 1)["tokens_per_problem"], b1["tokens_per_problem"]))
-    tpp = " | ".join(" ".join(f"{pick(ev[f'bcr-s{s}']['rows'], N)['tokens_per_problem']:.1f}" for N in Ns)
-                     for s in seeds)
-    collapsed = sum(a < -0.10 for a in f["lp_acc"])
-    return {
-        "free_lunch": {"reproduced": all(t <= 0.6 for t in f["tok"]) and all(a >= -0.01 for a in f["acc"]),
-                       "evidence": f"BCR at N=1 uses {spread(f['tok'])} x the base's tokens per problem "
-                                   f"(target <= 0.6) at accuracy {spread(f['acc'], '{:+.3f}')} vs the base "
-                                   f"(target >= -0.01; one evaluation's standard error on the base's accuracy: "
-                                   f"{b1.get('acc_se', float('nan')):.3f})"},
-        "scaling_law": {"reproduced": all(f["mono"]) and all(k > max(keep(base), lk)
-                                                             for k, lk in zip(f["keep"], f["lp_keep"])),
-                        "evidence": f"BCR's sampled tokens per problem for N = {cfg.eval_Ns} under C = "
-                                    f"{budget(cfg)}: "
-                                    f"{tpp} (one list per seed), non-increasing for {sum(f['mono'])} of "
-                                    f"{len(f['mono'])} seeds; accuracy kept from N=1 to N={max(Ns)}: BCR "
-                                    f"{spread(f['keep'])}, base {keep(base):.3f}, length penalty "
-                                    f"{spread(f['lp_keep'])} "
-                                    f"(target: BCR above both; base accuracy at N={max(Ns)} {bN['acc']:.3f})"},
-        "loops_vanish": {"reproduced": all(x <= 0.05 for x in f["loops"]) and all(x >= 0.99 for x in f["steps"]),
-                         "evidence": f"re-check loops per problem at N=1: {spread(f['loops'])} x the base's "
-                                     f"(target <= 0.05); necessary steps {spread(f['steps'])} x (target >= 0.99); "
-                                     f"the vanilla-GRPO control keeps {spread(f['grpo_loops'])} x the base's loops"},
-        "length_penalty": {"reproduced": collapsed == len(f["lp_acc"]),
-                           "evidence": f"with r = acc - {cfg.lenpen}*|y|/{budget(cfg)} at N=1, accuracy vs the "
-                                       f"base: {spread(f['lp_acc'], '{:+.3f}')}, tokens {spread(f['lp_tok'])} x the "
-                                       f"base's; collapsed in {collapsed} of {len(f['lp_acc'])} seeds "
-                                       f"(collapse: more than 10 points of accuracy lost)"}}
-
-
-def budget_aware(es, Nmax):
-    """Beyond the paper: does budget-aware BCR (task mix, the ablations' entries es) spend less per
-    problem when C/N is short, instead of running into the cap?"""
-    mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
-    shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
-    cut = [a["truncation_rate"] for a, _ in mix]
-    return {"reproduced": all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut),
-            "evidence": f"budget-aware BCR (mix) spends {spread(shrink)} x its N=1 tokens per problem at N={Nmax} "
-                        f"(target <= 0.8) with truncation {spread(cut)} (target <= 0.10)"}

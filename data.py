@@ -23,6 +23,7 @@ results non-negative (a >= b); a borrowed column is written with its 1: "12-7=5"
 column pays it back: "5-1-1=3". The tokenizer is character level, so a character offset in a
 string is also a token offset (reward.py relies on this for per-slot credit).
 """
+import json
 import random
 import zlib
 
@@ -34,24 +35,20 @@ CHARS = "0123456789+-=: \nAQchk"
 PAD, EOS = 0, 1
 NEWLINE = len(SPECIALS) + CHARS.index("\n")
 
-
 # ----------------------------------------------------------------------------- problems
 
 def answer(p):
     a, op, b = p
     return a + b if op == "+" else a - b
 
-
 def columns(p):
     """Digit columns of a problem: its difficulty, and the number of necessary steps."""
     return max(len(str(p[0])), len(str(p[2])))
-
 
 def is_heldout(p):
     """About 1 problem in 10 is held out for evaluation, chosen by a stable hash of the problem
     itself, so train and eval are disjoint by construction whatever the seed."""
     return zlib.crc32(f"{p[0]}{p[1]}{p[2]}".encode()) % 10 == 0
-
 
 def sample_problem(rng, max_digits, ops, heldout=False, cols=None):
     """A random problem from one split: each operand gets 1..max_digits digits (uniform), then a
@@ -66,12 +63,15 @@ def sample_problem(rng, max_digits, ops, heldout=False, cols=None):
         if is_heldout(p) == heldout and (cols is None or columns(p) == cols):
             return p
 
+def heldout_problems(cfg):
+    """The evaluation problems: cfg.eval_problems of the held-out split, drawn from cfg.eval_seed."""
+    rng = random.Random(cfg.eval_seed)
+    return [sample_problem(rng, cfg.max_digits, cfg.ops, heldout=True) for _ in range(cfg.eval_problems)]
 
 def line(p):
     """'47+85', '09+13': both operands padded to the problem's column count."""
     n = columns(p)
     return f"{p[0]:0{n}d}{p[1]}{p[2]:0{n}d}"
-
 
 def steps(p):
     """The necessary steps, one per column, right to left, e.g. 47+85 -> ['7+5=12', '4+8+1=13']."""
@@ -90,7 +90,6 @@ def steps(p):
             out.append(f"{x + 10 * borrow}-{y}{c}={x + 10 * borrow - y - carry}")
             carry = borrow
     return out
-
 
 def solution(p, k, rng=None, style=None, loops=True):
     """Problem k's part of the completion: restatement, steps, answer. Without rng: the concise
@@ -120,10 +119,8 @@ def solution(p, k, rng=None, style=None, loops=True):
     carry = "1" if p[1] == "+" and answer(p) >= 10 ** columns(p) else ""
     return f"Q{k}:{line(p)} " + "".join(x + " " for x in out) + f"A{k}:{carry}{digits}\n"
 
-
 def prompt(problems):
     return "".join(f"Q{k}:{line(p)}\n" for k, p in enumerate(problems, 1))
-
 
 def parse_problems(text):
     """'47+85, 602-58' -> [(47, '+', 85), (602, '-', 58)] for the sample.py CLI."""
@@ -139,7 +136,6 @@ def parse_problems(text):
         out.append((int(a), op, int(b)))
     return out
 
-
 # ----------------------------------------------------------------------------- tokenizer
 
 def build_tokenizer():
@@ -151,16 +147,14 @@ def build_tokenizer():
     tok.add_special_tokens(SPECIALS)
     return tok
 
-
 def load_tokenizer(path):
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for missing and corrupt files
         raise ValueError(f"cannot load tokenizer {path!r} ({str(e).splitlines()[0][:80]})") from None
-    if tok.get_vocab() != build_tokenizer().get_vocab():
-        raise ValueError(f"{path} is not nanoBCR's character vocabulary")
+    if json.loads(tok.to_str()) != json.loads(build_tokenizer().to_str()):  # vocabulary, normalizer, splits...
+        raise ValueError(f"{path} is not nanoBCR's character tokenizer")
     return tok
-
 
 def encode(tok, texts):
     """Token ids of each text; text with characters outside the vocabulary is refused, not
@@ -169,7 +163,6 @@ def encode(tok, texts):
     if bad:
         raise ValueError(f"characters outside the vocabulary: {''.join(bad)!r}")
     return [e.ids for e in tok.encode_batch(texts)]
-
 
 def segments(idx, n_prompt):
     """Problem index of every token, (B, T) from idx (B, T): line k of the prompt and solution k
@@ -181,14 +174,12 @@ def segments(idx, n_prompt):
     completion = torch.arange(idx.shape[1], device=idx.device) >= n_prompt
     return 1 + before - completion * (nl * ~completion).sum(1, keepdim=True)  # (B, T)
 
-
 # ----------------------------------------------------------------------------- batches
 
 def doc_rng(seed, step, i=0):
     """The generator for item i of a step: every batch is a pure function of (seed, step), so a
     resumed or multi-process run sees exactly the data a single uninterrupted run saw."""
     return random.Random(f"{seed}/{step}/{i}")
-
 
 def pretrain_doc(rng, cfg, max_N, verbose):
     """One pretraining document: N training problems, P(N) proportional to 1/N so that every N
@@ -199,7 +190,6 @@ def pretrain_doc(rng, cfg, max_N, verbose):
     probs = [sample_problem(rng, cfg.max_digits, cfg.ops) for _ in range(n)]
     sol = "".join(solution(p, k, rng, cfg, verbose) for k, p in enumerate(probs, 1))
     return prompt(probs), sol
-
 
 def pretrain_batch(tok, cfg, step, rank=0, world=1):
     """(idx, seg, targets) for one step, each (B, T): cfg.pt_docs documents, sorted by length so that
@@ -237,7 +227,6 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
             micro = []
         micro.append(r)
     return out, n_targets
-
 
 def packed_prompts(rng, cfg, n, N, heldout=False, stratified=True):
     """n packed prompts of N problems each. Stratified: the N problems of a prompt share one

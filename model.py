@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save_file
 
 from data import load_tokenizer
@@ -37,7 +37,6 @@ from data import load_tokenizer
 # (pytorch#155958). Our batches change length every micro-batch and RL step, so that planning would
 # dominate a step; flash attention has no per-shape cost.
 torch.backends.cuda.enable_cudnn_sdp(False)
-
 
 @dataclass
 class GPTConfig:
@@ -54,7 +53,10 @@ class GPTConfig:
                 raise ValueError(f"{k} must be an integer from 1 to 65536 (got {v!r})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError("n_embd must be a multiple of n_head with an even head size (RoPE)")
-
+        need = 4 * 12 * self.n_layer * self.n_embd ** 2  # fp32 bytes of the blocks' weights alone
+        if need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            raise ValueError(f"n_layer={self.n_layer}, n_embd={self.n_embd}: the weights alone need "
+                             f"{need / 2 ** 30:.0f} GiB, more than this machine's memory")
 
 def rope_tables(block_size, head_dim, base=1e5):
     """Tables for rotating channel pairs (i, i + hd/2) by their position's angle, computed once:
@@ -64,13 +66,11 @@ def rope_tables(block_size, head_dim, base=1e5):
     angles = torch.outer(torch.arange(block_size).float(), inv_freq)          # (Tmax, hd/2)
     return angles.cos().repeat(1, 2), torch.cat((-angles.sin(), angles.sin()), 1)
 
-
 def apply_rope(x, cos, sin):
     """x (..., T, hd): first half x1 * cos - x2 * sin, second half x2 * cos + x1 * sin, where
     roll(x) = [x2, x1]. The same IEEE operations as the textbook form, so bitwise the same result."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # bf16 stays bf16 on CUDA (fp32 tables would promote q, k)
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
-
 
 class KVCache:
     """Keys and values of every layer, allocated once at full length so shapes never change
@@ -81,7 +81,6 @@ class KVCache:
         shape = (cfg.n_layer, batch, cfg.n_head, length, hd)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -132,7 +131,6 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))                # (B, T, C)
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -145,7 +143,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache, layer, t0):
         x = x + self.attn(self.ln1(x), cos, sin, mask, cache, layer, t0)
         return x + self.out(F.silu(self.fc(self.ln2(x))))  # SiLU: much cheaper than erf-GELU on CPU
-
 
 class GPT(nn.Module):
     def __init__(self, cfg):
@@ -186,7 +183,6 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, cache, i, t0)
         return self.lm_head(self.ln_f(x))                           # (B, T, V)
 
-
 # ----------------------------------------------------------------------------- optimizer
 
 def new_optimizer(model, lr, muon_lr=0.0):
@@ -205,7 +201,6 @@ def new_optimizer(model, lr, muon_lr=0.0):
     return MuonAdamW([{"params": mats, "muon": True, "lr_mult": muon_lr / lr}, {"params": rest}],
                      lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-
 def orthogonalize(G, steps=5):
     """U V^T of G = U S V^T, approximately: a quintic Newton-Schulz iteration (Muon's coefficients)
     pushes every singular value towards 1 with a few matmuls, no SVD. G (m, n) -> (m, n)."""
@@ -216,7 +211,6 @@ def orthogonalize(G, steps=5):
         A = X @ X.T
         X = 3.4445 * X + (-4.7750 * A + 2.0315 * A @ A) @ X
     return X if wide else X.T
-
 
 class MuonAdamW(torch.optim.AdamW):
     """Muon on the param groups marked muon, AdamW on the rest. A semi-orthogonal (out, in) update
@@ -239,7 +233,6 @@ class MuonAdamW(torch.optim.AdamW):
                 p.grad = None  # AdamW below skips it
         super().step()
 
-
 # ----------------------------------------------------------------------------- device and precision
 
 def pick_device(name="auto"):
@@ -256,7 +249,6 @@ def pick_device(name="auto"):
         raise ValueError(f"--device={name}: no such device on this machine")
     return device
 
-
 def autocast(device, bf16=None):
     """bf16 autocast, by default on CUDA only: on CPU, one-token decoding and the small pretraining
     micro-batches are overhead-bound, and bf16's casts cost more than they save.
@@ -264,7 +256,6 @@ def autocast(device, bf16=None):
     if bf16 or (bf16 is None and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
 
 def update_bf16(update_dtype, device):
     """Whether the RL update's forward runs under bf16 autocast. auto: on CUDA, and on a CPU that
@@ -277,32 +268,39 @@ def update_bf16(update_dtype, device):
                  for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return device.type == "cuda" or (device.type == "cpu" and native)
 
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_model(model, folder, meta=None):
-    """Weights as safetensors (no pickle) + config.json with the shape and anything in meta."""
+    """Weights as safetensors (no pickle), with the step they are from, + config.json with the shape
+    and anything in meta."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     del sd["lm_head.weight"]  # tied to wte.weight; safetensors refuses shared storage
-    save_file(sd, os.path.join(folder, "model.safetensors"))
+    save_file(sd, os.path.join(folder, "model.safetensors"), {"step": str((meta or {}).get("step"))})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"model": asdict(model.cfg), **(meta or {})}, f, indent=1)
 
+def regular(path):
+    """path, if it is a regular file or absent: a link would be replaced by a file (its target never
+    written), a FIFO hang the reader."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
+        raise ValueError(f"{path} is a link or not a regular file: remove it, or use another --out_dir")
+    return path
 
 def atomic_write(path, data):
     """A kill or a full disk at any moment leaves the old file or the new one, never a cut one
-    (and a failed write no <path>.tmp either)."""
+    (and a failed or interrupted write no <path>.tmp either)."""
     try:
-        with open(f"{path}.tmp", "wb") as f:
+        with open(f"{regular(path)}.tmp", "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(f"{path}.tmp", path)
-    except OSError:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(f"{path}.tmp")
+        if isinstance(e, OSError):  # a full disk, say: name the file
+            raise ValueError(f"cannot write {path} ({e.strerror or e})") from None
         raise
-
 
 def save_checkpoint(folder, model, tok, meta, state):
     """Atomic: the whole checkpoint is written to <folder>.tmp, then swapped in with renames. A kill
@@ -326,13 +324,11 @@ def save_checkpoint(folder, model, tok, meta, state):
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def recover(folder):
     """A save killed between its renames (save_checkpoint) leaves only <folder>.old: every loader moves it back."""
     folder = os.path.realpath(folder)  # a symlinked folder is swapped where it really is
     if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
         os.replace(f"{folder}.old", folder)
-
 
 def load_model(folder, device="cpu"):
     """(model, config dict) from a checkpoint folder; ValueError with one line for anything wrong."""
@@ -350,13 +346,18 @@ def load_model(folder, device="cpu"):
         raise ValueError(f"{folder}/config.json does not describe a GPTConfig")
     try:
         model = GPT(GPTConfig(**meta["model"]))
-    except ValueError as e:
-        raise ValueError(f"{folder}/config.json: {e}") from None
+    except (ValueError, RuntimeError, MemoryError) as e:  # a shape out of range, or too big to allocate
+        raise ValueError(f"{folder}/config.json: {str(e).splitlines()[0][:120]}") from None
     try:
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
             sd = load(f.read())
-    except SafetensorError as e:
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+            saved = f.metadata() or {}
+    except (SafetensorError, ValueError) as e:
         raise ValueError(f"{folder}/model.safetensors is corrupt ({str(e).splitlines()[0]})") from None
+    if saved.get("step", "None") not in ("None", str(meta.get("step"))):  # the weights of another step
+        raise ValueError(f"{folder}: model.safetensors is from step {saved['step']}, config.json from step "
+                         f"{meta.get('step')}: the checkpoint's parts disagree")
     sd["lm_head.weight"] = sd.get("wte.weight")
     want = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     got = {k: (tuple(v.shape), v.dtype) for k, v in sd.items() if v is not None}
@@ -368,7 +369,6 @@ def load_model(folder, device="cpu"):
     model.load_state_dict(sd)
     return model.to(device), meta
 
-
 def load_checkpoint(folder, device="cpu"):
     """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
     model, meta = load_model(folder, device)
@@ -378,17 +378,46 @@ def load_checkpoint(folder, device="cpu"):
                          f"{tok.get_vocab_size()} tokens")
     return model.eval(), tok, meta
 
-
-def restore(folder, model, opt):
-    """Weights and optimizer state of a checkpoint; returns its step. No global RNG state: nothing
-    draws from one (data and sampling generators are pure functions of (seed, step)); a fork that
-    adds, say, dropout should draw it the same way, or resuming stops being bitwise exact."""
+def restore(folder, model, opt, step):
+    """Weights and optimizer state of a checkpoint whose config.json says `step`; returns it. No
+    global RNG state: nothing draws from one (data and sampling generators are pure functions of
+    (seed, step)); a fork that adds, say, dropout should draw it the same way, or resuming stops
+    being bitwise exact."""
     loaded, _ = load_model(folder)
     model.load_state_dict(loaded.state_dict())
     try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
         state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
         opt.load_state_dict(state["opt"])
-        return state["step"]
     except Exception as e:
         why = (str(e).splitlines() or [""])[0][:80]
-        raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") from None
+        raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") \
+            from None
+    if state.get("step") != step:
+        raise ValueError(f"{folder}: state.pt is from step {state.get('step')}, config.json from step {step}: "
+                         f"the checkpoint's parts disagree")
+    return step
+
+def checked_checkpoint(folder, cfg, keys, total, need_done=False):
+    """None if there is no checkpoint; else its config.json, once its parts agree: made by this
+    training config (cfg, train.py's; the keys that matter for it), its step within 0..total and
+    "done" exactly at total, weights of that step (load_model); and finished, or to be resumed
+    (cfg.resume; never with need_done: evaluation never uses a half-trained model). Never writes."""
+    recover(folder)
+    if not os.path.exists(folder):
+        return None
+    _, _, meta = load_checkpoint(folder)
+    step, done = meta.get("step"), meta.get("done")
+    if not (isinstance(meta.get("train"), dict) and type(done) is bool and type(step) is int
+            and isinstance(meta.get("wall_s"), (int, float))):
+        raise ValueError(f"{folder}/config.json is not a train.py checkpoint (no train config, step, done or wall_s)")
+    diff = [f"{k}: {meta['train'].get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys
+            if meta["train"].get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"{folder} was made with another config ({'; '.join(diff)}); "
+                         f"use another --out_dir or remove that folder")
+    if not 0 <= step <= total or done != (step == total):
+        raise ValueError(f"{folder}/config.json says step {step} of {total}, done: {done}: its parts disagree")
+    if not done and (not cfg.resume or need_done):
+        raise ValueError(f"{folder} holds an unfinished run (step {step}): continue it with its "
+                         f"--stage and --resume, or remove the folder to start over")
+    return meta

@@ -21,7 +21,6 @@ ANSWER = re.compile(r"A(\d{1,4}):(-?\d+)\n")
 STEP = re.compile(r"(?<!\d)\d+[+-]\d+(?:[+-]1)?=\d+")   # one column of work, e.g. 4+8+1=13
 LOOP = re.compile(r"chk (?<!\d)\d+[+-]\d+(?:[+-]1)?=\d+")  # the same step, re-checked
 
-
 @dataclass
 class Reward:
     correct: list    # (N,) 1.0 where problem k's answer is right, else 0.0
@@ -37,7 +36,6 @@ class Reward:
     @property
     def acc(self):
         return sum(self.correct) / len(self.correct)
-
 
 def score(text, problems, truncated=False):
     N = len(problems)

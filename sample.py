@@ -29,7 +29,6 @@ import torch
 from data import EOS, NEWLINE, PAD, encode, parse_problems, prompt, segments
 from model import KVCache, autocast, load_checkpoint, pick_device
 
-
 def left_pad(prompts, device):
     """idx (B, Tp) left-padded, pos (B, Tp) per-row positions, valid (B, Tp) key mask."""
     Tp = max(len(p) for p in prompts)
@@ -37,7 +36,6 @@ def left_pad(prompts, device):
     pad = torch.tensor([Tp - len(p) for p in prompts], device=device)          # (B,)
     ar = torch.arange(Tp, device=device)
     return idx, (ar - pad[:, None]).clamp(min=0), ar >= pad[:, None]
-
 
 def prefill_mask(valid):
     """(B, 1, T, T) bool: causal, pads hidden as keys. FOOTGUN: a pad *query* would see no key at
@@ -47,7 +45,6 @@ def prefill_mask(valid):
     causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()  # (T, T)
     eye = torch.eye(T, dtype=torch.bool, device=valid.device)
     return ((causal & valid[:, None, :]) | eye)[:, None]                       # (B, 1, T, T)
-
 
 def next_token(logits, temperature, top_k, generator, rows=None, batch=None):
     """logits (B', V) -> tokens (B',). <pad> is never sampled. Sampling uses argmax(p / E) with
@@ -68,7 +65,6 @@ def next_token(logits, temperature, top_k, generator, rows=None, batch=None):
     noise.exponential_(generator=generator)
     return (probs / (noise if rows is None else noise[rows])).argmax(-1)
 
-
 @torch.inference_mode()
 def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="eager", drop_done=True):
     """Decode a batch of token-id prompts of any lengths.
@@ -77,6 +73,7 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
     drop_done: eager mode drops finished rows (False keeps the batch whole: same tokens, slower).
     Returns tokens (B, max(max_new)), <pad> after each row's end, and lengths (B,): the number of
     new tokens per row, <eos> included. A row whose tokens hold no <eos> was cut by its cap."""
+    # 1) layout: left-padded prompts, per-row positions and caps
     device = model.wte.weight.device
     B = len(prompts)
     caps = torch.as_tensor(max_new, device=device).expand(B)                  # (B,)
@@ -84,7 +81,7 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
     idx, pos, valid = left_pad(prompts, device)
     Tp = idx.shape[1]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # identical prompts (the G samples of an RL group) are prefilled once, then their cache rows copied
+    # 2) prefill: identical prompts (the G samples of an RL group) once, then their cache rows copied
     distinct = {}
     inv = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)  # (B,)
     u_idx, u_pos, u_valid = left_pad(list(distinct), device)                  # (U, Tp) each
@@ -93,8 +90,8 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         logits = model(u_idx, segments(u_idx, Tp), u_pos, prefill_mask(u_valid), cache, 0)[inv, -1]  # (B, V)
     if len(distinct) < B:
         cache.k, cache.v = cache.k[:, inv], cache.v[:, inv]                    # (L, B, nh, S, hd)
-    # key bias over the whole cache: 0 where a slot holds a real token, -inf for pads and slots
-    # not written yet. One-token steps take it as their additive mask, updated in place.
+    # 3) decode state: a key bias over the whole cache, 0 where a slot holds a real token, -inf for
+    # pads and slots not written yet (one-token steps take it as their additive mask, updated in place)
     bias = torch.full((B, 1, 1, Tp + n_steps), float("-inf"), device=device)   # (B, 1, 1, S)
     bias[:, 0, 0, :Tp].masked_fill_(valid, 0.0)
     out = torch.full((B, n_steps), PAD, device=device)
@@ -111,7 +108,7 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         seg.add_(tok == NEWLINE)  # after a newline, the next problem
         return logits
 
-    graph = None
+    graph = None  # 4) graph mode: capture the one-token step once, replay it for every token
     if mode == "graph" and n_steps > 1:
         try:
             graph, logits_buf = capture(static_step, (pos, t, bias, seg), device)
@@ -119,20 +116,20 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
             warnings.warn(f"CUDA graph capture failed, decoding eagerly instead ({str(e).splitlines()[0]})")
             mode = "static"
     rows = torch.arange(B, device=device)  # the rows still in the batch (eager drops finished ones)
-    for i in range(n_steps):
+    for i in range(n_steps):  # 5) the decode loop: sample, record, stop rows, feed the token back
         nxt = next_token(logits, temperature, top_k, generator, rows, B).masked_fill(done, PAD)  # (B',)
         out[rows, i] = nxt
         done |= (nxt == EOS) | (caps <= i + 1)
         if i + 1 == n_steps:
             break
-        if i % 16 == 15:  # the only host sync: which rows still go on (none: stop)
-            keep = (~done).nonzero()[:, 0]                                                       # (B'',)
-            if len(keep) == 0:
+        if i % 16 == 15:  # 6) stop: the only host sync, which rows still go on (none: stop)
+            alive = (~done).nonzero()[:, 0]                                                      # (B'',)
+            if len(alive) == 0:
                 break
-            if mode == "eager" and drop_done and len(keep) <= 0.75 * len(done):  # a quarter done: drop
+            if mode == "eager" and drop_done and len(alive) <= 0.75 * len(done):  # a quarter done: drop
                 rows, nxt, tok, pos, seg, bias, caps, done = (
-                    x[keep] for x in (rows, nxt, tok, pos, seg, bias, caps, done))
-                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]   # (L, B'', nh, S, hd) copies
+                    x[alive] for x in (rows, nxt, tok, pos, seg, bias, caps, done))
+                cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]  # (L, B'', nh, S, hd) copies
         tok.copy_(nxt)
         if graph is not None:
             graph.replay()
@@ -147,7 +144,6 @@ def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, 
         else:
             logits = static_step()
     return out, (out != PAD).sum(1)
-
 
 def capture(step, state, device):
     """Record step() in a CUDA graph. Warm-up runs (on a side stream, as CUDA graphs require)
@@ -169,7 +165,6 @@ def capture(step, state, device):
         for s, v in zip(state, saved):
             s.copy_(v)
 
-
 @torch.inference_mode()
 def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=None):
     """The obvious loop, kept as the reference: no cache, the whole sequence recomputed for every
@@ -190,11 +185,9 @@ def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], 1)
     return out, (out != PAD).sum(1)
 
-
 class ArgParser(argparse.ArgumentParser):
     def error(self, message):  # a bad command line costs one line (main prints it), not a usage dump
         raise ValueError(f"{self.prog}: {message}")
-
 
 def main(argv=None):
     from reward import score  # only the CLI needs it
@@ -241,7 +234,6 @@ def main(argv=None):
         print("\n".join(lines), flush=True)
     except BrokenPipeError:  # the reader left early (`| head`): no traceback, and none from exit's flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
 
 if __name__ == "__main__":
     main()

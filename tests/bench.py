@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bcr  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from data import build_tokenizer, doc_rng, encode, packed_prompts, prompt, segments  # noqa: E402
+from data import build_tokenizer, doc_rng, encode, heldout_problems, packed_prompts, prompt, segments  # noqa: E402
 from model import GPT, GPTConfig, autocast, new_optimizer, pick_device, update_bf16  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from train import ArgParser  # noqa: E402
@@ -248,7 +248,7 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
     modes = {"eager, dropped": ("eager", True), "eager, kept": ("eager", False)}
     if device.type == "cuda":
         modes["graph"] = ("graph", False)
-    probs = train.eval_problems(cfg)
+    probs = heldout_problems(cfg)
     for N in Ns:  # the prompts bcr.evaluate decodes first: ceil(len/N) of them, problems reused to fill
         flat = (probs * 2)[:math.ceil(len(probs) / N) * N]
         ids = encode(tok, [prompt(flat[i:i + N]) for i in range(0, len(flat), N)][:cfg.eval_batch])

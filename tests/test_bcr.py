@@ -4,8 +4,8 @@ from types import SimpleNamespace
 
 import torch
 
-from bcr import advantages, pg_loss, rollout, token_advantages
-from data import EOS, build_tokenizer, segments, solution
+from bcr import advantages, pg_loss, pg_loss_fast, rollout, token_advantages
+from data import EOS, build_tokenizer, heldout_problems, segments, solution
 from reward import score
 from test_sample import random_gpt
 
@@ -89,23 +89,29 @@ def test_pg_loss_normalisation_and_gradient_direction():
     assert after[2, 10] + after[3, 11] + after[4, EOS] > lp0
 
 
-def test_pg_loss_chunks_by_length_change_nothing_but_rounding():
-    """pg_loss cuts the rows into length-sorted chunks (less padding): the loss and gradient of one
-    padded batch (max_pad huge), to float rounding, also for the sequence mean and the KL term."""
+def test_the_fast_loss_is_the_textbook_loss():
+    """pg_loss_fast leaves out rows with zero advantage and cuts the rest into length-sorted chunks
+    (less padding): pg_loss's loss and gradient on the whole padded batch, to float rounding, for
+    the token and the sequence mean and the KL term (which keeps every row: the same entropy too)."""
     model = random_gpt(0)
     ids = [[5, 6, 7], [8, 9], [7, 7, 5, 6], [4]]
     out = torch.tensor([[10, 11, EOS, 0, 0, 0, 0, 0], [12, 9, 9, 9, 9, 9, 9, EOS], [6, EOS, 0, 0, 0, 0, 0, 0],
                         [9, 8, 7, EOS, 0, 0, 0, 0]])
     n, adv = torch.tensor([3, 8, 2, 4]), torch.tensor([[1.0] * 8, [-1.0] * 8, [0.5] * 8, [0.0] * 8])
-    for c in (cfg(), cfg(token_mean=False, kl=0.1)):
-        got = []
-        for max_pad in (1e9, 1.0):  # one batch; every length its own chunk
+    for c in (cfg(), cfg(token_mean=False), cfg(kl=0.1)):
+        model.zero_grad()
+        loss, sums = pg_loss(model, ids, out, n, adv, 9.0, c, ref=random_gpt(1))
+        loss.backward()
+        want = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+        for max_pad in (1e9, 1.0):  # one chunk; every length its own chunk
             model.zero_grad()
-            loss, st = pg_loss(model, ids, out, n, adv, 9.0, c, ref=random_gpt(1), max_pad=max_pad)
-            loss.backward()
-            got.append((loss.item(), st, torch.cat([p.grad.flatten() for p in model.parameters()])))
-        (l1, s1, g1), (l2, s2, g2) = got
-        assert abs(l1 - l2) < 1e-6 and all(abs(s1[k] - s2[k]) < 1e-6 for k in s1) and torch.allclose(g1, g2, atol=1e-6)
+            fast, st = pg_loss_fast(model, ids, out, n, adv, 9.0, c, ref=random_gpt(1), max_pad=max_pad)
+            fast.backward()
+            grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+            assert abs(fast.item() - want[0]) < 1e-6 and torch.allclose(grad, want[1], atol=1e-6)
+            if c.kl:
+                assert abs(st["entropy"] - (sums["entropy"] / sums["tokens"]).item()) < 1e-6
+                assert abs(st["kl"] - (sums["kl"] / sums["weight"]).item()) < 1e-6
 
 
 def test_bf16_update_agrees_with_fp32():
@@ -119,7 +125,7 @@ def test_bf16_update_agrees_with_fp32():
     got = {}
     for dtype in ("fp32", "bf16"):
         model.zero_grad()
-        loss, st = pg_loss(model, ids, out, n, adv, 9.0, cfg(update_dtype=dtype, kl=0.1), ref=random_gpt(1))
+        loss, st = pg_loss_fast(model, ids, out, n, adv, 9.0, cfg(update_dtype=dtype, kl=0.1), ref=random_gpt(1))
         loss.backward()
         got[dtype] = loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]), st
     (l32, g32, s32), (l16, g16, s16) = got["fp32"], got["bf16"]
@@ -130,7 +136,7 @@ def test_bf16_update_agrees_with_fp32():
 def test_kl_term_is_zero_against_itself():
     model = random_gpt(0)
     ids, out, n, adv = [[5, 6]], torch.tensor([[7, EOS]]), torch.tensor([2]), torch.zeros(1, 2)
-    loss, st = pg_loss(model, ids, out, n, adv, 2.0, cfg(kl=0.1), ref=model)
+    loss, st = pg_loss_fast(model, ids, out, n, adv, 2.0, cfg(kl=0.1), ref=model)
     assert abs(st["kl"]) < 1e-6 and abs(loss.item()) < 1e-6
 
 
@@ -187,7 +193,7 @@ def test_the_default_sweep_covers_slack_binding_and_starved_budgets():
     import train
     from bcr import budget
     cfg = train.parse_config([])
-    C, Ns, probs = budget(cfg), train.eval_Ns(cfg), train.eval_problems(cfg)
+    C, Ns, probs = budget(cfg), train.eval_Ns(cfg), heldout_problems(cfg)
     rng = random.Random(0)
     loop_free = sum(len(solution(p, 1)) + 1 for p in probs) / len(probs)
     stepped = replace(cfg, p_direct=0.0, p_runaway=0.0)

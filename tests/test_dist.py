@@ -67,7 +67,7 @@ def update(model, cfg, ids, out, n, adv, world):
     local = torch.tensor([float(n.sum())])
     if world > 1:
         dist.all_reduce(local)
-    loss, _ = bcr.pg_loss(model, ids, out, n, adv, local.item(), cfg)
+    loss, _ = bcr.pg_loss_fast(model, ids, out, n, adv, local.item(), cfg)
     loss.backward()
     bcr.finish_grads(model, cfg.grad_clip, world, loss.item())
     torch.optim.SGD(model.parameters(), lr=0.1).step()

@@ -64,8 +64,7 @@ def interrupt_at(monkeypatch, module, name, step):
 def test_pretrain_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny, capsys):
     with monkeypatch.context() as m:
         interrupt_at(m, train, "pretrain_batch", 5)  # checkpoint at step 3, killed in step 5
-        with pytest.raises(KeyboardInterrupt):
-            run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"])
+        assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 130  # Ctrl-C: one line, exit 130
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2  # unfinished: needs --resume
     resume = TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--resume"]
     # broken files are refused in one line and left as they are
@@ -98,8 +97,7 @@ def test_rl_resume_is_bitwise_identical(tmp_path, monkeypatch, tiny):
     assert run(TINY + [f"--out_dir={full}", "--stage=lenpen"]) == 0
     with monkeypatch.context() as m:
         interrupt_at(m, bcr, "doc_rng", 3)  # checkpoint at step 3, killed in step 3
-        with pytest.raises(KeyboardInterrupt):
-            run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen"])
+        assert run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen"]) == 130
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=lenpen", "--resume"]) == 0
     a, b = weights(tmp_path / "lenpen-s1"), weights(full / "lenpen-s1")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -124,7 +122,7 @@ def test_a_checkpoint_without_a_key_of_today_is_refused(tiny, tmp_path):
     del meta["train"]["p_direct"]
     (tmp_path / "base" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="p_direct: None there"):
-        train.existing(tmp_path / "base", train.parse_config(TINY), train.BASE_KEYS)
+        model.checked_checkpoint(tmp_path / "base", train.parse_config(TINY), train.BASE_KEYS, 8)
 
 
 def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
@@ -215,7 +213,9 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     assert run(TINY + [f"--out_dir={out}"]) == 0
     rep = json.load(open(out / "report.json"))
     assert {r["name"] for r in rep["runs"]} == {"base", "bcr", "grpo", "lenpen"}
-    assert set(rep["findings"]) == {"free_lunch", "scaling_law", "loops_vanish", "length_penalty"}
+    assert set(rep["findings"]) == {"free_lunch", "scaling_law", "loops_vanish", "length_penalty", "beyond"}
+    assert all(isinstance(v["reproduced"], bool) and v["paper"] and v["rule"] for k, v in rep["findings"].items()
+               if k != "beyond")
     assert 10 < rep["concise_tokens_per_problem"] < 40  # 'Q1:47+85 7+5=12 4+8+1=13 A1:132' is 32
     base = rep["runs"][0]  # the base's sweep with room to finish is kept apart from the budget-C sweep
     C = base["eval"][0]["budget"]
@@ -236,7 +236,7 @@ def test_ablations_command(tiny, tmp_path):
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=ablations", "--rl_steps=2"]) == 0
     rep = json.load(open(tmp_path / "ablations.json"))
     names = {e["name"] for e in rep["runs"]}
-    assert isinstance(rep["findings"]["budget_aware"]["reproduced"], bool)  # the one claim beyond the paper
+    assert isinstance(rep["findings"]["beyond"]["budget_aware"]["reproduced"], bool)  # beyond the paper
     assert names == {"base", "bcr"} | set(train.ABLATIONS)
     for e in rep["runs"]:
         if e["name"] in train.ABLATIONS:  # each trained with its own flags, evaluated on the shared sweep
@@ -249,38 +249,21 @@ def test_ablations_command(tiny, tmp_path):
     assert run(TINY + [f"--out_dir={tmp_path}/small", "--stage=ablations", "--block_size=120"]) == 2
 
 
-def test_findings_survive_a_base_with_nothing_to_compare():
-    """A smoke run's untrained base may emit no steps, loops or tokens: the ratios are nan and
-    nothing counts as reproduced, instead of a ZeroDivisionError after all the training."""
-    cfg = train.parse_config(TINY)
-    C = bcr.budget(cfg)
-
-    def rows(tokens, steps):
-        return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": 0.0, "tokens_per_problem": tokens,
-                          "tokens_per_problem_se": 0.0, "loops_per_problem": 0.0, "steps_per_problem": steps}
-                         for N in train.eval_Ns(cfg)]}
-    ev = {"base": rows(0.0, 0.0), **{f"{k}-s{cfg.seed}": rows(5.0, 1.0) for k in ("bcr", "grpo", "lenpen")}}
-    f = bcr.findings(cfg, ev)
-    assert not any(v["reproduced"] for v in f.values())
-    assert "nan" in f["loops_vanish"]["evidence"] and "nan" in f["free_lunch"]["evidence"]
-
-
-def test_length_penalty_finding_counts_collapsed_seeds():
-    """The rule wants every seed to collapse; the evidence says how many did (on an H100, 2 of 3)."""
-    cfg = train.parse_config(TINY + ["--seeds=3"])
-    C = bcr.budget(cfg)
-
-    def rows(acc):
-        return {"rows": [{"N": N, "budget": C, "decoding": "sample", "acc": acc, "tokens_per_problem": 30.0,
-                          "tokens_per_problem_se": 0.1, "loops_per_problem": 1.0, "steps_per_problem": 1.5}
-                         for N in train.eval_Ns(cfg)]}
-    ev = {"base": rows(1.0), **{f"{k}-s{s}": rows(1.0) for k in ("bcr", "grpo") for s in (1, 2, 3)},
-          "lenpen-s1": rows(0.8), "lenpen-s2": rows(0.85), "lenpen-s3": rows(1.0)}
-    lp = bcr.findings(cfg, ev)["length_penalty"]
-    assert not lp["reproduced"] and "collapsed in 2 of 3 seeds" in lp["evidence"]
-    ev["lenpen-s3"] = rows(0.5)
-    lp = bcr.findings(cfg, ev)["length_penalty"]
-    assert lp["reproduced"] and "collapsed in 3 of 3 seeds" in lp["evidence"]
+def test_frontier_command(tiny, tmp_path):
+    """--stage=frontier: every penalty weight and budget on the same base, the main runs reused by
+    name, each setting's categories and predictions in out/frontier.*."""
+    os.symlink(tiny / "base", tmp_path / "base")
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=frontier", "--rl_steps=2"]) == 0
+    rep = json.load(open(tmp_path / "frontier.json"))
+    assert [r["name"] for r in rep["frontier"]] == list(train.FRONTIER)
+    assert os.path.exists(tmp_path / "bcr-s1") and os.path.exists(tmp_path / "lenpen-s1")  # the default settings
+    for r in rep["frontier"]:
+        assert len(r["categories"]) == 1 and r["categories"][0] in ("collapsed", "shortcut", "stable")
+        # nan where this tiny base never uses a strategy (no direct answers to measure)
+        assert not r["predicted_direct"] < 0 and not r["predicted_direct"] > 1 and isinstance(r["holds"], bool)
+    assert {"per_column", "lambda_empty", "p_eos", "len_step"} <= set(rep["predictions"])
+    assert "prediction holds" in (tmp_path / "frontier.md").read_text()
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def corrupt(tiny, tmp_path, how):
@@ -441,8 +424,7 @@ def half(tmp_path_factory):
     out = tmp_path_factory.mktemp("half")
     with pytest.MonkeyPatch.context() as m:
         interrupt_at(m, train, "pretrain_batch", 5)
-        with pytest.raises(KeyboardInterrupt):
-            run(TINY + [f"--out_dir={out}", "--stage=pretrain"])
+        assert run(TINY + [f"--out_dir={out}", "--stage=pretrain"]) == 130
     return out
 
 
@@ -592,18 +574,15 @@ def test_a_kill_while_the_log_is_rewritten_leaves_it_whole(half, tmp_path, monke
         return f
     with monkeypatch.context() as m:
         m.setattr(builtins, "open", dying_open)
-        with pytest.raises(KeyboardInterrupt):
-            run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"])
+        assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 130
     assert (out / "base.jsonl").read_bytes() == log
     assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0
     assert [json.loads(x)["step"] for x in open(out / "base.jsonl")] == list(range(8))
 
 
 def test_a_full_disk_while_writing_the_report_keeps_the_last_one(tiny, tmp_path, monkeypatch, capsys):
-    """The RL runs here are copies of the tiny base: under TINY its saved config is every stage's."""
-    for run_ in ("base", "bcr-s1", "grpo-s1", "lenpen-s1"):
-        shutil.copytree(tiny / "base", tmp_path / run_)
-    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=report"]) == 0
+    shutil.copytree(tiny / "base", tmp_path / "base")
+    assert run(TINY + [f"--out_dir={tmp_path}"]) == 0
     before = tree(tmp_path)
     real_open = builtins.open
 
@@ -669,7 +648,7 @@ def test_weights_made_non_finite_by_a_step_are_never_saved(tmp_path, monkeypatch
         return out
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0", "--save_every=1"]) == 2
-    assert one_error(capsys, "non-finite", "step 0", "untouched")
+    assert one_error(capsys, "non-finite", "step 0", "nothing was saved")  # there is no last checkpoint
     assert not os.path.exists(tmp_path / "base")
 
 
