@@ -84,8 +84,8 @@ def advantages(r, std_norm=True, eps=1e-4):
 def token_advantages(rewards, lengths, G, cap, cfg):
     """Per-token advantages (B, cap) for the completion tokens, and the scalar rewards (B,).
     Shared credit: one reward per completion (accuracy over its N problems, plus the format term,
-    minus the length term if lenpen > 0), one advantage on all its tokens. Slot credit: problem k's reward, normalised
-    across the group, on the tokens that reward.py attributes to problem k."""
+    minus the length term if lenpen > 0), one advantage on all its tokens. Slot credit: problem k's
+    reward, normalised across the group, on the tokens that reward.py attributes to problem k."""
     B = len(rewards)
     extra = cfg.format_bonus * torch.tensor([float(x.format_ok) for x in rewards])
     extra -= cfg.lenpen * lengths.float().cpu() / cap                          # (B,)
@@ -122,7 +122,8 @@ def pg_loss(model, ids, out, lengths, adv, norm, cfg, ref=None, pad_to=(1, 1)):
         w[i, len(p) - 1:len(p) - 1 + k] = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
         a[i, len(p) - 1:len(p) - 1 + k] = adv[i, :k]
     x, w, a = x.to(device), w[:, :-1].to(device), a[:, :-1].to(device)
-    seg = segments(x[:, :-1], torch.tensor([len(p) for p in ids] + [1] * (B - len(ids)), device=device))  # (B, T-1)
+    n_prompt = torch.tensor([len(p) for p in ids] + [1] * (B - len(ids)), device=device)   # (B,)
+    seg = segments(x[:, :-1], n_prompt)                                       # (B, T-1)
     bf16 = update_bf16(cfg.update_dtype, device)
     with autocast(device, bf16):
         logits = model(x[:, :-1], seg).float()                                 # (B, T-1, V)
@@ -164,7 +165,8 @@ def pg_loss_fast(model, ids, out, lengths, adv, norm, cfg, ref=None, max_pad=1.2
     pad_to = (4, 16) if update_bf16(cfg.update_dtype, device) and device.type == "cpu" else (1, 1)
     loss, sums = 0.0, {}
     for rows in chunks:  # each chunk's summed loss (norm 1), divided once at the end as one batch would be
-        part, s = pg_loss(model, [ids[i] for i in rows], out[rows], lengths[rows], adv[rows], 1.0, cfg, ref, pad_to)
+        part, s = pg_loss(model, [ids[i] for i in rows], out[rows], lengths[rows], adv[rows], 1.0, cfg, ref,
+                          pad_to)
         loss, sums = loss + part, {k: sums.get(k, 0.0) + v for k, v in s.items()}
     stats = {"entropy": (sums["entropy"] / sums["tokens"]).item()}  # one host sync, not one per chunk
     if cfg.kl > 0:
@@ -189,7 +191,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg, ref=None, world=1):
     adv, r = token_advantages(rewards, n, cfg.G, cap, cfg)
     t1 = time.perf_counter()
     model.train()
-    local = torch.tensor([float(n.sum()) if cfg.token_mean else float(len(ids))], device=n.device)  # NCCL: on the GPU
+    local = torch.tensor([float(n.sum() if cfg.token_mean else len(ids))], device=n.device)  # NCCL: GPU only
     if world > 1:
         dist.all_reduce(local)
     loss, stats = pg_loss_fast(model, ids, out.cpu(), n.cpu(), adv, local.item(), cfg, ref)
@@ -227,7 +229,8 @@ def evaluate(model, tok, problems, N, cap, temperature, seed, batch=256, mode="e
         dist.all_gather_object(gathered, results)
         results = [x for part in gathered for x in part]
     n_prob, tokens = len(results) * N, torch.tensor([float(k) for _, k, _ in results])
-    answered = [(d, c) for r, *_ in results for d, c, a in zip(r.direct, r.correct, r.answers) if a is not None]
+    answered = [(d, c) for r, *_ in results for d, c, a in zip(r.direct, r.correct, r.answers)
+                if a is not None]
     row = {"N": N, "budget": cap, "decoding": "greedy" if temperature == 0 else "sample",
            "problems": n_prob,
            "acc": sum(sum(r.correct) for r, *_ in results) / n_prob,
@@ -277,7 +280,8 @@ def predict(samples, C, Ns):
     for N in range(1, max(Ns) + 1):
         acc += (S * fits.flip(0)).sum().item()        # P(problem N right and it fits after S)
         total = (torch.arange(C + 1)[:, None] + torch.arange(C + 1)).flatten()       # (C+1)^2 sums s + l
-        S = torch.zeros(2 * C + 1, dtype=torch.float64).index_add_(0, total, torch.outer(S, pmf[:C + 1]).flatten())
+        both = torch.outer(S, pmf[:C + 1]).flatten()  # P(s used so far, then a solution of l), by s + l
+        S = torch.zeros(2 * C + 1, dtype=torch.float64).index_add_(0, total, both)
         S = S[:C + 1]                                 # mass past C is a cut, 1 - S.sum()
         if N in Ns:  # tokens: the solutions, <eos> after the last, or all of C when it cut them
             used = (S * (torch.arange(C + 1) + 1).clamp(max=C)).sum().item() + (1 - S.sum().item()) * C

@@ -130,7 +130,7 @@ def parse_problems(text):
         op = "+" if "+" in s else "-"
         a, _, b = s.partition(op)
         if not (a.isdigit() and b.isdigit() and a.isascii() and b.isascii() and max(len(a), len(b)) <= 18):
-            raise ValueError(f"cannot read problem {s[:40]!r}: expected e.g. 47+85 or 602-58 (up to 18 digits)")
+            raise ValueError(f"cannot read problem {s[:40]!r}: expected e.g. 47+85 or 602-58 (<= 18 digits)")
         if op == "-" and int(a) < int(b):
             raise ValueError(f"problem {s!r} has a negative result, which the format cannot write")
         out.append((int(a), op, int(b)))
@@ -152,7 +152,7 @@ def load_tokenizer(path):
         tok = Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for missing and corrupt files
         raise ValueError(f"cannot load tokenizer {path!r} ({str(e).splitlines()[0][:80]})") from None
-    if json.loads(tok.to_str()) != json.loads(build_tokenizer().to_str()):  # vocabulary, normalizer, splits...
+    if json.loads(tok.to_str()) != json.loads(build_tokenizer().to_str()):  # vocabulary, normalizer, splits
         raise ValueError(f"{path} is not nanoBCR's character tokenizer")
     return tok
 

@@ -1,24 +1,19 @@
 """
-A small GPT, written out by hand: pre-norm blocks, RoPE attention, tied embeddings.
+A small GPT, written out by hand: pre-norm blocks, RoPE attention, tied embeddings. Training runs
+forward(idx) on right-padded rows (a pad *after* the real tokens is never seen by them: plain causal
+attention); decoding runs forward(idx, pos, mask, cache, t0) with per-row positions and a key mask,
+writing into a preallocated KVCache (sample.py drives it, a naive loop beside it to test against).
 
-Two ways to run it:
-- training: forward(idx) on right-padded rows; positions are 0..T-1 and plain causal attention is
-  enough, because a pad that comes *after* the real tokens can never be seen by them.
-- decoding: forward(idx, pos, mask, cache, t0) with per-row positions and a key mask, writing keys
-  and values into a preallocated KVCache. sample.py drives this (left-padded prompts, one token per
-  step) and keeps a naive full-recompute loop beside it to test against.
-
-Learned absolute position embeddings failed to learn this task in a short run where RoPE learned
-it, so RoPE it is. Beside the tokens, the model reads a segment index: which problem
-a token belongs to (prompt line k and solution k are both segment k, data.segments). A real LLM
-finds "### Problem k" in its context without help; a 0.8M-parameter model trained for minutes
-learns that lookup slowly and loses it when RL moves the solutions around (the last problems
-of a long prompt were mostly lost without it), so the segment stands in for that skill. It is an
-embedding added to the token's, like BERT's segment embeddings.
-A checkpoint is a folder: model.safetensors + config.json, and from training tokenizer.json and state.pt
-(the optimizer), all swapped in at once by save_checkpoint.
+Learned absolute position embeddings failed to learn this task in a short run where RoPE learned it.
+Beside the tokens the model reads a segment index, which problem a token belongs to (prompt line k
+and solution k are segment k, data.segments), added like BERT's segment embeddings. A real LLM finds
+"### Problem k" in its context without help; a 0.8M-parameter model trained for minutes learns that
+lookup slowly and loses it when RL moves the solutions around, so the segment stands in for it.
+Also here: the optimizer (Muon + AdamW), the device, precision and process policy, and checkpoints:
+a folder of model.safetensors, config.json, tokenizer.json and state.pt, swapped in at once.
 """
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -26,6 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -95,10 +91,7 @@ class Attention(nn.Module):
         # split/unbind/squeeze, not indexing: indexing's backward writes each gradient into a zeroed
         # copy of the whole qkv tensor
         qk, v = qkv.split([2, 1])                                 # (2, B, nh, T, hd), (1, B, nh, T, hd)
-        qk = apply_rope(qk, cos, sin)                             # q and k rotated at once
-        if torch.compiler.is_compiling():  # inductor mis-strides this layout under dynamic shapes
-            qk = qk.contiguous()           # (AssertionError in backward; eager does not need the copy)
-        q, k = qk.unbind(0)
+        q, k = apply_rope(qk, cos, sin).unbind(0)                 # q and k rotated at once
         v = v.squeeze(0)                                          # (B, nh, T, hd) each
         if cache is not None:
             # write this chunk at cache slots t0..t0+T-1; t0 may be a 1-element tensor so that the
@@ -233,7 +226,7 @@ class MuonAdamW(torch.optim.AdamW):
                 p.grad = None  # AdamW below skips it
         super().step()
 
-# ----------------------------------------------------------------------------- device and precision
+# ----------------------------------------------------------------------------- device, precision, processes
 
 def pick_device(name="auto"):
     """The one place that decides the device: cuda, then mps, then cpu. A named one must be here."""
@@ -268,11 +261,46 @@ def update_bf16(update_dtype, device):
                  for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return device.type == "cuda" or (device.type == "cpu" and native)
 
-# ----------------------------------------------------------------------------- checkpoints
+def setup(cfg):
+    """(rank, world, device) for train.py's cfg. A no-op for one process; under torchrun, one process
+    per device (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
+    device = pick_device(cfg.device)
+    env, names = os.environ, ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    local_rank, rank, world, local_world = 0, 0, 1, 1
+    try:  # torchrun sets all of these; a stray RANK alone would train a process that never saves
+        v = {k: int(env[k]) for k in names if k in env}
+        if set(v) - {"MASTER_PORT"}:
+            local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: the missing one
+            if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536
+                    and env["MASTER_ADDR"]):
+                raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"this environment is not torchrun's ({e}): start several processes with torchrun") \
+            from None
+    if world > min(cfg.prompts, cfg.pt_docs):
+        raise ValueError(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:  # K processes on one CPU: share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+def all_mean(values, world):
+    """Average a dict of floats over processes (for logging)."""
+    if world == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(values, t.tolist())}
+
+# --------------------------------------------------------------------------- checkpoints, logs, out_dir lock
 
 def save_model(model, folder, meta=None):
-    """Weights as safetensors (no pickle), with the step they are from, + config.json with the shape
-    and anything in meta."""
+    """Weights as safetensors (no pickle, tagged with their step) + config.json: the shape, meta."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     del sd["lm_head.weight"]  # tied to wte.weight; safetensors refuses shared storage
     save_file(sd, os.path.join(folder, "model.safetensors"), {"step": str((meta or {}).get("step"))})
@@ -280,8 +308,7 @@ def save_model(model, folder, meta=None):
         json.dump({"model": asdict(model.cfg), **(meta or {})}, f, indent=1)
 
 def regular(path):
-    """path, if it is a regular file or absent: a link would be replaced by a file (its target never
-    written), a FIFO hang the reader."""
+    """path, if a regular file or absent: a link would be replaced (its target never written), a FIFO hang."""
     if os.path.islink(path) or (os.path.exists(path) and not os.path.isfile(path)):
         raise ValueError(f"{path} is a link or not a regular file: remove it, or use another --out_dir")
     return path
@@ -325,13 +352,14 @@ def save_checkpoint(folder, model, tok, meta, state):
     shutil.rmtree(old, ignore_errors=True)
 
 def recover(folder):
-    """A save killed between its renames (save_checkpoint) leaves only <folder>.old: every loader moves it back."""
+    """A save killed between its renames (save_checkpoint) leaves only <folder>.old: loaders move it back."""
     folder = os.path.realpath(folder)  # a symlinked folder is swapped where it really is
     if not os.path.exists(folder) and os.path.exists(f"{folder}.old"):
         os.replace(f"{folder}.old", folder)
 
-def load_model(folder, device="cpu"):
-    """(model, config dict) from a checkpoint folder; ValueError with one line for anything wrong."""
+def load_checkpoint(folder, device="cpu"):
+    """(model in eval mode, tokenizer, config dict) of a checkpoint folder; ValueError with one line
+    for anything wrong in it."""
     recover(folder)
     for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -367,24 +395,17 @@ def load_model(folder, device="cpu"):
     if not all(v.isfinite().all() for v in sd.values()):
         raise ValueError(f"{folder}/model.safetensors holds non-finite weights")
     model.load_state_dict(sd)
-    return model.to(device), meta
-
-def load_checkpoint(folder, device="cpu"):
-    """(model, tokenizer, config dict) of a checkpoint folder, in eval mode."""
-    model, meta = load_model(folder, device)
     tok = load_tokenizer(f"{folder}/tokenizer.json")
     if model.cfg.vocab_size != tok.get_vocab_size():
         raise ValueError(f"{folder}: the model has {model.cfg.vocab_size} token embeddings, its tokenizer "
                          f"{tok.get_vocab_size()} tokens")
-    return model.eval(), tok, meta
+    return model.to(device).eval(), tok, meta
 
 def restore(folder, model, opt, step):
-    """Weights and optimizer state of a checkpoint whose config.json says `step`; returns it. No
-    global RNG state: nothing draws from one (data and sampling generators are pure functions of
-    (seed, step)); a fork that adds, say, dropout should draw it the same way, or resuming stops
-    being bitwise exact."""
-    loaded, _ = load_model(folder)
-    model.load_state_dict(loaded.state_dict())
+    """Weights and optimizer state of a checkpoint whose config.json says `step`. No RNG state: data
+    and sampling generators are pure functions of (seed, step); a fork that adds dropout should draw
+    it the same way, or resuming stops being bitwise exact."""
+    model.load_state_dict(load_checkpoint(folder)[0].state_dict())
     try:  # anything wrong in it (truncated, another stage's optimizer, missing keys) is one line
         state = torch.load(f"{folder}/state.pt", weights_only=True)  # no code can run from it
         opt.load_state_dict(state["opt"])
@@ -393,14 +414,14 @@ def restore(folder, model, opt, step):
         raise ValueError(f"{folder}/state.pt is unreadable or not this stage's ({type(e).__name__}: {why})") \
             from None
     if state.get("step") != step:
-        raise ValueError(f"{folder}: state.pt is from step {state.get('step')}, config.json from step {step}: "
-                         f"the checkpoint's parts disagree")
+        raise ValueError(f"{folder}: state.pt is from step {state.get('step')}, config.json from step "
+                         f"{step}: the checkpoint's parts disagree")
     return step
 
 def checked_checkpoint(folder, cfg, keys, total, need_done=False):
     """None if there is no checkpoint; else its config.json, once its parts agree: made by this
     training config (cfg, train.py's; the keys that matter for it), its step within 0..total and
-    "done" exactly at total, weights of that step (load_model); and finished, or to be resumed
+    "done" exactly at total, weights of that step (load_checkpoint); and finished, or to be resumed
     (cfg.resume; never with need_done: evaluation never uses a half-trained model). Never writes."""
     recover(folder)
     if not os.path.exists(folder):
@@ -409,15 +430,57 @@ def checked_checkpoint(folder, cfg, keys, total, need_done=False):
     step, done = meta.get("step"), meta.get("done")
     if not (isinstance(meta.get("train"), dict) and type(done) is bool and type(step) is int
             and isinstance(meta.get("wall_s"), (int, float))):
-        raise ValueError(f"{folder}/config.json is not a train.py checkpoint (no train config, step, done or wall_s)")
+        raise ValueError(f"{folder}/config.json is not a train.py checkpoint (train, step, done, wall_s)")
     diff = [f"{k}: {meta['train'].get(k)!r} there, {getattr(cfg, k)!r} now" for k in keys
             if meta["train"].get(k) != getattr(cfg, k)]
     if diff:
         raise ValueError(f"{folder} was made with another config ({'; '.join(diff)}); "
                          f"use another --out_dir or remove that folder")
     if not 0 <= step <= total or done != (step == total):
-        raise ValueError(f"{folder}/config.json says step {step} of {total}, done: {done}: its parts disagree")
+        raise ValueError(f"{folder}/config.json says step {step} of {total}, done: {done}: parts disagree")
     if not done and (not cfg.resume or need_done):
         raise ValueError(f"{folder} holds an unfinished run (step {step}): continue it with its "
                          f"--stage and --resume, or remove the folder to start over")
     return meta
+
+class Log:
+    """Per-step JSONL. A resumed run's log must hold steps 0..start-1 (lines past them, written after
+    the last save, are dropped so that it reads as one run), checked before anything is written."""
+
+    def __init__(self, path, start, rank):
+        self.path, self.on, self.rows = path, rank == 0, []
+        if self.on and start > 0:
+            lines = open(regular(path), "rb").readlines() if os.path.exists(path) else []  # (a FIFO hangs)
+            for i, x in enumerate(lines):  # bytes: json.loads refuses a non-UTF-8 byte as any corrupt line
+                try:
+                    if json.loads(x)["step"] < start:
+                        self.rows.append((json.loads(x)["step"], x.rstrip(b"\n") + b"\n"))
+                except (ValueError, KeyError, TypeError, RecursionError):
+                    if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
+                        raise ValueError(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") \
+                            from None
+            if [s for s, _ in self.rows] != list(range(start)):
+                raise ValueError(f"{path} does not hold steps 0..{start - 1}: it and its checkpoint disagree")
+
+    def start(self):  # atomic: a kill here must not leave the log empty
+        if self.on:
+            atomic_write(self.path, b"".join(x for _, x in self.rows))
+
+    def __call__(self, row):
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+def lock(out_dir):
+    """Held for the whole run: a second run's saves would interleave with this one's. The kernel
+    drops a flock when its process dies, so a killed run never leaves a stale lock."""
+    f = open(f"{out_dir}/.lock", "a+")  # not "w": a refused run must not wipe the holder's pid
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise ValueError(f"{out_dir}/ is in use by pid {f.read().strip() or '?'}: wait, or use another")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

@@ -193,9 +193,9 @@ def main(argv=None):
     from reward import score  # only the CLI needs it
 
     ap = ArgParser(prog="sample.py", description="Solve arithmetic problems with a nanoBCR checkpoint.")
-    ap.add_argument("--ckpt", default="out/bcr-s1", help="checkpoint folder (model.safetensors, config.json, ...)")
-    ap.add_argument("--problems", default="47+85, 52-17", help="comma-separated problems, e.g. '47+85, 52-17'")
-    ap.add_argument("--max_new", type=int, default=0, help="hard cap on new tokens (0: all the context allows)")
+    ap.add_argument("--ckpt", default="out/bcr-s1", help="checkpoint folder (model.safetensors, config.json)")
+    ap.add_argument("--problems", default="47+85, 52-17", help="comma-separated problems, e.g. '47+85, 9-3'")
+    ap.add_argument("--max_new", type=int, default=0, help="hard cap on new tokens (0: all the context has)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     ap.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens only (0: all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
@@ -215,8 +215,8 @@ def main(argv=None):
         ids = encode(tok, [prompt(problems)])[0]
         room = model.cfg.block_size - len(ids)
         if len(problems) > model.cfg.n_seg - 2 or room < 1 or args.max_new > room:
-            raise ValueError(f"{len(problems)} problems ({len(ids)} prompt tokens) leave {max(room, 0)} of the "
-                             f"model's {model.cfg.block_size} context tokens for the answer (--max_new="
+            raise ValueError(f"{len(problems)} problems ({len(ids)} prompt tokens) leave {max(room, 0)} of "
+                             f"the model's {model.cfg.block_size} context tokens for the answer (--max_new="
                              f"{args.max_new}); at most {model.cfg.n_seg - 2} problems at once")
         gen = torch.Generator(device).manual_seed(args.seed)
         out, n = generate(model, [ids], args.max_new or room, args.temperature, args.top_k, gen)
@@ -227,9 +227,11 @@ def main(argv=None):
     r = score(text, problems, truncated=EOS not in out[0].tolist())
     lines = [prompt(problems) + text]
     for k, (p, a) in enumerate(zip(problems, r.answers), 1):
-        how = f"{a} ({'correct' if r.correct[k - 1] else 'wrong'}, {'directly' if r.direct[k - 1] else 'with steps'})"
+        how = f"{a} ({'correct' if r.correct[k - 1] else 'wrong'}, " \
+              f"{'directly' if r.direct[k - 1] else 'with steps'})"
         lines.append(f"problem {k}: {p[0]}{p[1]}{p[2]} -> {how if a is not None else 'no answer'}")
-    lines.append(f"{int(n[0])} tokens, {r.loops} re-check loops, {'cut by the cap' if r.truncated else 'finished'}")
+    lines.append(f"{int(n[0])} tokens, {r.loops} re-check loops, "
+                 f"{'cut by the cap' if r.truncated else 'finished'}")
     try:
         print("\n".join(lines), flush=True)
     except BrokenPipeError:  # the reader left early (`| head`): no traceback, and none from exit's flush

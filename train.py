@@ -16,8 +16,6 @@ nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing fi
 seeds. Every step is logged to out/<run>.jsonl. A finished run is reused only if its saved config
 matches; an interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K.
 """
-import argparse
-import fcntl
 import json
 import math
 import os
@@ -34,8 +32,9 @@ from tqdm import tqdm
 import bcr
 import report
 from data import build_tokenizer, heldout_problems, prompt, pretrain_batch, solution
-from model import (GPT, GPTConfig, atomic_write, autocast, checked_checkpoint, load_checkpoint, new_optimizer,
-                   pick_device, regular, restore, save_checkpoint)
+from model import (GPT, GPTConfig, Log, all_mean, atomic_write, autocast, checked_checkpoint, load_checkpoint,
+                   lock, new_optimizer, regular, restore, save_checkpoint, setup)
+from sample import ArgParser
 
 def arg(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -52,7 +51,6 @@ class Config:
     seeds: int = arg(1, "number of RL seeds: seed, seed+1, ...")
     resume: bool = arg(False, "continue an interrupted stage from its last checkpoint")
     save_every: int = arg(100, "steps between checkpoints during a stage")
-    compile: bool = arg(False, "torch.compile the training forward")
     decode: str = arg("auto", "sampler path (graph: CUDA only)", ("auto", "eager", "static", "graph"))
     # model
     n_layer: int = arg(4, "transformer blocks")
@@ -109,9 +107,9 @@ PRESETS = {"cpu": {}, "gpu": dict(n_layer=6, n_head=8, n_embd=256, pt_docs=64, p
                                   pt_max_pad=100.0, prompts=32, eval_batch=512)}
 # what a checkpoint must have been made with to be reused: the model, the base's data and recipe, RL's
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-BASE_KEYS = MODEL_KEYS + tuple("max_digits ops max_N p_loop p_again max_loops p_direct p_runaway base_seed pt_steps "
-                               "pt_docs pt_micro_tokens pt_max_pad pt_lr pt_muon_lr pt_grow_N pt_concise warmup "
-                               "grad_clip".split())
+BASE_KEYS = MODEL_KEYS + tuple("max_digits ops max_N p_loop p_again max_loops p_direct p_runaway base_seed "
+                               "pt_steps pt_docs pt_micro_tokens pt_max_pad pt_lr pt_muon_lr pt_grow_N "
+                               "pt_concise warmup grad_clip".split())
 RL_KEYS = BASE_KEYS + tuple("N b G prompts rl_steps rl_lr temperature std_norm token_mean slot_credit kl "
                             "format_bonus lenpen update_dtype".split())
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
@@ -122,16 +120,11 @@ ABLATIONS = {"b29": ("bcr", dict(b=29)), "b43": ("bcr", dict(b=43)), "N2": ("bcr
              "nostd": ("bcr", dict(std_norm=False)), "mix": ("mix", {})}
 # The dose-response: the penalty's weight, with and without std normalisation, against BCR's budget
 # (b = 16 and 20 bind below the loop-free trace)
-FRONTIER = {**{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (0.1, 0.25, 4, 10)}, "lenpen": ("lenpen", {}),
+FRONTIER = {**{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (0.1, 0.25)}, "lenpen": ("lenpen", {}),
+            **{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (4, 10)},
             **{f"lp{x:g}-nostd": ("lenpen", dict(lenpen=x, std_norm=False)) for x in (0.25, 1, 4)},
-            **{f"b{b}": ("bcr", dict(b=b)) for b in (16, 20, 29, 43)}, "bcr": ("bcr", {})}
-DESCRIBE = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",
-            "lenpen": "length penalty, N = 1 under C",
-            **{k: f"{task} {flags}" for k, (task, flags) in {**ABLATIONS, **FRONTIER}.items() if flags}}
-
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # a bad command line costs one line (main prints it), not a usage dump
-        raise ValueError(f"{self.prog}: {message}")
+            **{f"b{b}": ("bcr", dict(b=b)) for b in (16, 20, 29)}, "bcr": ("bcr", {}),
+            "b43": ("bcr", dict(b=43))}
 
 def to_bool(s):
     if s.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -159,8 +152,8 @@ def eval_Ns(cfg):
 
 MINIMUM = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
                       "pt_max_pad max_loops",
-           0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl lenpen grad_clip "
-              "p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
+           0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl lenpen "
+              "grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
 
 def validate(cfg):
     """Every bad value gets a one-line reason before any work starts: one table of (condition,
@@ -170,97 +163,35 @@ def validate(cfg):
     worst, C, cap = (10 ** digits - 1, "+", 10 ** digits - 1), bcr.budget(cfg), cfg.N * cfg.b
     shortest = len(solution(worst, 1)) + 1
     longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14)))
-    table = [(ok_Ns, "--eval_Ns: integers, comma-separated"),
-             *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite") for f in fields(cfg)
-               if f.type is float],
-             *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, ks in MINIMUM.items() for k in ks.split()],
-             (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
-              "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
-             (max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31"),
-             (max(cfg.pt_lr, cfg.pt_muon_lr, cfg.rl_lr) <= 10, "--pt_lr, --pt_muon_lr and --rl_lr: at most 10"),
-             (cfg.max_digits <= 18, "--max_digits must be at most 18"),
-             (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature: 0 (greedy) or 0.01 to 100"),
-             (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),
-             (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder"),
-             (cfg.out_dir == cfg.out_dir.encode(errors="replace").decode(), f"--out_dir={cfg.out_dir!r}: not UTF-8"),
-             (1 <= min(cfg.N, cfg.max_N, *Ns) and max(cfg.N, cfg.max_N, *Ns) <= 14, "N, max_N and eval N: 1 to 14"),
-             (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
-              "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
-             (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report"),
-             (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold one concise answer ({shortest})"),
-             (longest + max(C, cap) <= cfg.block_size,
-              f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")]
+    table = [
+        (ok_Ns, "--eval_Ns: integers, comma-separated"),
+        *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
+          for f in fields(cfg) if f.type is float],
+        *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, names in MINIMUM.items()
+          for k in names.split()],
+        (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
+         "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
+        (max(cfg.seed + cfg.seeds, cfg.base_seed, cfg.eval_seed) < 2 ** 31, "seeds must be below 2**31"),
+        (max(cfg.pt_lr, cfg.pt_muon_lr, cfg.rl_lr) <= 10, "--pt_lr, --pt_muon_lr, --rl_lr: at most 10"),
+        (cfg.max_digits <= 18, "--max_digits must be at most 18"),
+        (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature: 0 (greedy) or 0.01 to 100"),
+        (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),
+        (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder"),
+        (cfg.out_dir.encode(errors="replace").decode() == cfg.out_dir,
+         f"--out_dir={cfg.out_dir!r} is not UTF-8"),
+        (1 <= min(cfg.N, cfg.max_N, *Ns) and max(cfg.N, cfg.max_N, *Ns) <= 14, "N, max_N, eval N: 1 to 14"),
+        (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
+         "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
+        (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report"),
+        (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold an answer ({shortest} tokens)"),
+        (longest + max(C, cap) <= cfg.block_size,
+         f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")]
     for ok, why in table:
         if not ok:
             raise ValueError(why)
     GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size, memory)
 
-# ----------------------------------------------------------------------------- processes
-
-def setup(cfg):
-    """(rank, world, device). A no-op for one process; under torchrun, one process per device
-    (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
-    device = pick_device(cfg.device)
-    env, names = os.environ, ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-    local_rank, rank, world, local_world = 0, 0, 1, 1
-    try:  # torchrun sets all of these; a stray RANK alone would train a process that never saves
-        v = {k: int(env[k]) for k in names if k in env}
-        if set(v) - {"MASTER_PORT"}:
-            local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: names a missing one
-            if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536
-                    and env["MASTER_ADDR"]):
-                raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"this environment is not torchrun's ({e}): start several processes with torchrun") \
-            from None
-    if world > min(cfg.prompts, cfg.pt_docs):
-        raise ValueError(f"{world} processes need --prompts and --pt_docs >= {world} (each takes a share)")
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:  # K processes on one CPU: share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-def all_mean(values, world):
-    """Average a dict of floats over processes (for logging)."""
-    if world == 1:
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(values, t.tolist())}
-
 # ----------------------------------------------------------------------------- training runs
-
-class Log:
-    """Per-step JSONL. A resumed run's log must hold steps 0..start-1 (lines past them, written after
-    the last save, are dropped so that it reads as one run), checked before anything is written."""
-
-    def __init__(self, path, start, rank):
-        self.path, self.on, self.rows = path, rank == 0, []
-        if self.on and start > 0:
-            lines = open(regular(path), "rb").readlines() if os.path.exists(path) else []  # (a FIFO would hang)
-            for i, x in enumerate(lines):  # bytes: json.loads refuses a non-UTF-8 byte as any corrupt line
-                try:
-                    if json.loads(x)["step"] < start:
-                        self.rows.append((json.loads(x)["step"], x.rstrip(b"\n") + b"\n"))
-                except (ValueError, KeyError, TypeError, RecursionError):
-                    if i + 1 < len(lines):  # only a last line cut by a kill mid-write is dropped
-                        raise ValueError(f"{path}: line {i + 1} is corrupt; mend or delete it to resume") from None
-            if [s for s, _ in self.rows] != list(range(start)):
-                raise ValueError(f"{path} does not hold steps 0..{start - 1}: it disagrees with its checkpoint")
-
-    def start(self):  # atomic: a kill here must not leave the log empty
-        if self.on:
-            atomic_write(self.path, b"".join(x for _, x in self.rows))
-
-    def __call__(self, row):
-        if self.on:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
 def set_lr(opt, step, total, peak, warmup, cosine):
     """Linear warm-up, then constant or cosine down to 10% of the peak."""
@@ -283,7 +214,7 @@ class Run:
         start = restore(folder, model, opt, meta["step"]) if meta else 0
         self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
         self.log = Log(folder + ".jsonl", start, rank)
-        real = os.path.realpath(folder)  # where save_checkpoint swaps: what would fail its first save goes now
+        real = os.path.realpath(folder)  # where save_checkpoint swaps: what would fail its first save goes
         for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers)
             shutil.rmtree(stale, ignore_errors=True)
             if os.path.lexists(stale):
@@ -302,12 +233,14 @@ class Run:
         state = [t for p in self.model.parameters() for t in [p, *self.opt.state.get(p, {}).values()]
                  if torch.is_tensor(t) and t.is_floating_point()]
         if not (row.pop("finite") and torch.stack([t.isfinite().all() for t in state]).all()):
-            raise ValueError(f"non-finite loss, gradient, weights or optimizer state at step {step}: stopped; " + (
-                f"the last good checkpoint in {self.folder} is untouched" if os.path.exists(self.folder)
-                else "nothing was saved yet"))
+            last = f"the last good checkpoint in {self.folder} is untouched" if os.path.exists(self.folder) \
+                else "nothing was saved yet"
+            raise ValueError(f"non-finite loss, gradient, weights or optimizer state at step {step}: "
+                             f"stopped; {last}")
         row = all_mean(row, self.world)
         self.log({"step": step, **row})
-        self.steps.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops") if k in row})
+        self.steps.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "reward", "tokens", "loops")
+                                if k in row})
         if step + 1 == self.total or (step + 1) % self.cfg.save_every == 0:
             self.save(step + 1)
 
@@ -320,9 +253,9 @@ class Run:
         if self.world > 1 and step == self.total:
             dist.barrier()
 
-def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
-    """One step of next-token cross-entropy on verbose traces, loss on completion tokens only.
-    fwd is the model or its torch.compile'd twin. tests/bench.py --what=pretrain times it too."""
+def pretrain_step(model, opt, cfg, tok, step, rank, world, device):
+    """One step of next-token cross-entropy on verbose traces, loss on completion tokens only
+    (tests/bench.py --what=pretrain times it too)."""
     t0 = time.perf_counter()
     lr = set_lr(opt, step, cfg.pt_steps, cfg.pt_lr, cfg.warmup, cosine=True)
     micro, n_targets = pretrain_batch(tok, cfg, step, rank, world)
@@ -333,7 +266,7 @@ def pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device):
     for idx, seg, tgt in micro:
         idx, seg, tgt = idx.to(device), seg.to(device), tgt.to(device)   # (b, T) each
         with autocast(device):
-            logits = fwd(idx, seg)                                       # (b, T, V)
+            logits = model(idx, seg)                                     # (b, T, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=-1,
                                reduction="sum") / n_targets              # global token mean
         loss.backward()
@@ -355,10 +288,9 @@ def pretrain(cfg, tok, rank, world, device):
     torch.manual_seed(cfg.base_seed)
     model = GPT(GPTConfig(tok.get_vocab_size(), **{k: getattr(cfg, k) for k in MODEL_KEYS})).to(device)
     opt = new_optimizer(model, cfg.pt_lr, cfg.pt_muon_lr)
-    fwd = torch.compile(model) if cfg.compile else model
     run = Run(cfg, folder, meta, model, opt, cfg.pt_steps, rank, world)
     for step in run.steps:
-        run.end_step(step, pretrain_step(model, fwd, opt, cfg, tok, step, rank, world, device))
+        run.end_step(step, pretrain_step(model, opt, cfg, tok, step, rank, world, device))
 
 def rl(cfg, task, name, seed, tok, rank, world, device):
     """One RL run on the base: task is bcr.task's (bcr, mix, grpo, lenpen); cfg may hold a variant's flags."""
@@ -410,7 +342,7 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
     (the same training config but the eval flags, finished); its rows are cached in <run>/eval.json,
     keyed by the eval config. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s", "curve"}}."""
     evals, C, Ns, problems = {}, bcr.budget(cfg), eval_Ns(cfg), heldout_problems(cfg)
-    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))  # the base's, with room
+    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))  # the base's sweep
     for run, (_, run_cfg, _) in todo.items():
         keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
         total = run_cfg.pt_steps if run == "base" else run_cfg.rl_steps
@@ -427,7 +359,7 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
         if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
             t0 = time.perf_counter()
             model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
-            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: the free lunch's N only
+            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: at N = 1 only
             plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []
             rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
                                  decode_mode(cfg, device), rank, world)
@@ -436,23 +368,9 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
             if rank == 0:
                 atomic_write(path, json.dumps(ev))
         log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
-        evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": [] if run == "base" or not os.path.exists(log)
-                           else [json.loads(x) for x in open(regular(log))]}
+        curve = [json.loads(x) for x in open(regular(log))] if run != "base" and os.path.exists(log) else []
+        evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": curve}
     return evals
-
-def lock(out_dir):
-    """Held for the whole run: a second run's saves would interleave with this one's. The kernel
-    drops a flock when its process dies, so a killed run never leaves a stale lock."""
-    f = open(f"{out_dir}/.lock", "a+")  # not "w": a refused run must not wipe the holder's pid
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise ValueError(f"{out_dir}/ is in use by pid {f.read().strip() or '?'}: wait, or use another --out_dir")
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
 
 def main(argv=None):
     held, cfg = None, None
@@ -464,7 +382,7 @@ def main(argv=None):
         decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
         todo, stage = runs(cfg), cfg.stage
         missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
-        needed = missing if stage == "report" else [r for r in missing if r == "base"] if stage == "eval" else []
+        needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
         if needed:  # (a mistyped --out_dir is not created)
             raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -484,15 +402,18 @@ def main(argv=None):
             evals = evaluate_runs(cfg, {r: v for r, v in todo.items() if r not in missing or stage != "eval"},
                                   rank, world, device, greedy=stage in ("all", "eval", "report"))
             if stage != "eval" and rank == 0:
-                print(report.write(cfg, device, evals, DESCRIBE, FRONTIER, bcr.predict))
+                variants = FRONTIER if stage == "frontier" else ABLATIONS
+                print(report.write(cfg, device, evals, variants, bcr.predict))
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
-    except (ValueError, OSError) as e:  # bad input, or a file it cannot write or read (named in the message)
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError, RuntimeError) as e:  # bad input, a file it cannot write or read
+        if isinstance(e, RuntimeError) and "alloc" not in str(e):  # (named in the message), no memory left
+            raise
+        print(f"error: {str(e).splitlines()[0] if str(e) else 'out of memory'}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: saves are atomic, so the last checkpoint is whole
         where = f"{cfg.out_dir}/" if cfg else "--out_dir"
-        print(f"\ninterrupted: the last checkpoints are in {where}; continue with the same command and --resume",
+        print(f"\ninterrupted: the last checkpoints are in {where}; the same command with --resume goes on",
               file=sys.stderr)
         sys.exit(130)
     finally:

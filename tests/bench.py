@@ -16,7 +16,7 @@ rl:     one BCR step (64 rollouts of up to 90 new tokens, then the update), spli
         scoring) and update; where the update runs in bf16 (a CPU with native bf16, or CUDA), the
         fp32 update is timed beside it on the same rollouts.
 pretrain (not in all): real pretraining steps, whose shapes change every micro-batch;
-        --preset=gpu for the GPU batch, --profile for torch.profiler tables, --compile.
+        --preset=gpu for the GPU batch, --profile for torch.profiler tables.
 eval (not in all; give --ckpt): the evaluation's first batch (up to 256 prompts, 512 with
         --preset=gpu, of N problems under the budget C) at N = 1 and 3, eager decoding with finished rows dropped
         vs. kept in the batch, and on CUDA the CUDA-graph path.
@@ -264,18 +264,17 @@ def bench_eval(model, device, n_rounds, preset="cpu", Ns=(1, 3)):
               + f"; kept / dropped {med['eager, kept'] / med['eager, dropped']:.2f}x")
 
 
-def bench_pretrain(model, device, n_rounds, preset, profile, compile_=False, max_pad=None):
+def bench_pretrain(model, device, n_rounds, preset, profile, max_pad=None):
     """Real pretraining steps (train.pretrain_step): documents of every length, so the micro-batch
     shapes change all the time, which the fixed-shape training bench cannot see (on an H100 it hid
     100x fewer tokens/s). Steps from pt_concise * pt_steps on: past both curricula."""
     cfg = train.parse_config([f"--preset={preset}"] + ([f"--pt_max_pad={max_pad}"] if max_pad else []))
     tok, opt = build_tokenizer(), new_optimizer(model.train(), cfg.pt_lr, cfg.pt_muon_lr)
     s0, rows = int(cfg.pt_concise * cfg.pt_steps), []
-    fwd = torch.compile(model) if compile_ else model  # compiling happens in the warm-up step(s)
-    step = lambda i: rows.append(train.pretrain_step(model, fwd, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
+    step = lambda i: rows.append(train.pretrain_step(model, opt, cfg, tok, s0 + i, 0, 1, device))  # noqa: E731
     total = [timed(lambda i=i: step(i), device) for i in range(n_rounds + 1)][1:]  # the first step warms up
     med = {k: statistics.median(r[k] for r in rows[1:]) for k in ("tokens_per_s", "t_data", "micro_batches")}
-    print(f"\npretraining{' (compiled)' if compile_ else ''} (--preset={preset}, {cfg.pt_docs} documents a step, "
+    print(f"\npretraining (--preset={preset}, {cfg.pt_docs} documents a step, "
           f"pt_max_pad {cfg.pt_max_pad}), "
           f"median of {n_rounds}: "
           f"{statistics.median(total):.3f} s a step, data {med['t_data']:.3f} s, "
@@ -302,7 +301,6 @@ def main(argv=None):
     ap.add_argument("--n_head", type=int, default=4, help="attention heads")
     ap.add_argument("--preset", default="cpu", choices=list(train.PRESETS), help="pretrain, eval: batch shapes of this preset")
     ap.add_argument("--profile", action="store_true", help="pretrain: torch.profiler tables of 3 more steps")
-    ap.add_argument("--compile", action="store_true", help="pretrain: torch.compile the forward")
     ap.add_argument("--pt_max_pad", type=float, default=None, help="pretrain: train.py's --pt_max_pad (default: the preset's)")
     try:
         args = ap.parse_args(argv)
@@ -327,7 +325,7 @@ def main(argv=None):
     if args.what in ("all", "rl"):
         bench_rl(model, device, args.rounds)
     if args.what == "pretrain":
-        bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.compile, args.pt_max_pad)
+        bench_pretrain(model, device, args.rounds, args.preset, args.profile, args.pt_max_pad)
     if args.what == "eval":
         bench_eval(model, device, args.rounds, args.preset)
 
