@@ -351,8 +351,9 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
             raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
         path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
         key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 2}  # 2: N = 1 rows hold samples, p_first
+        regular(path)  # a link would be replaced, a FIFO hang the read: refused before any work
         try:
-            with open(regular(path)) as f:
+            with open(path) as f:
                 ev = json.load(f)
         except (OSError, ValueError, RecursionError):  # none yet, or a corrupt cache: recomputed
             ev = None

@@ -775,6 +775,10 @@ def test_an_eval_cache_that_is_a_link_is_refused(tiny, tmp_path, capsys):
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval"]) == 2
     one_error(capsys, "eval.json", "not a regular file")
     assert (tmp_path / "elsewhere.json").read_text() == "{}"
+    (tmp_path / "base" / "eval.json").unlink()
+    os.mkfifo(tmp_path / "base" / "eval.json")  # reading it would hang
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=eval"]) == 2
+    one_error(capsys, "eval.json", "not a regular file")
 
 
 def test_an_interrupted_figure_leaves_the_old_one_and_no_tmp(tiny, tmp_path, monkeypatch):
