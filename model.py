@@ -375,7 +375,8 @@ def load_checkpoint(folder, device="cpu"):
     try:
         model = GPT(GPTConfig(**meta["model"]))
     except (ValueError, RuntimeError, MemoryError) as e:  # a shape out of range, or too big to allocate
-        raise ValueError(f"{folder}/config.json: {str(e).splitlines()[0][:120]}") from None
+        raise ValueError(f"{folder}/config.json: {(str(e) or 'out of memory').splitlines()[0][:120]}") \
+            from None
     try:
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
             sd = load(f.read())
