@@ -38,7 +38,8 @@ from dataclasses import asdict
 import torch
 
 from data import heldout_problems, solution
-from model import atomic_write, update_bf16
+from checkpoint import atomic_write
+from model import update_bf16
 
 PAPER_CUT = (0.158, 0.626)  # the paper's token reductions at N = 1, smallest and largest
 NAMES = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",

@@ -26,8 +26,9 @@ import warnings
 
 import torch
 
+import checkpoint
 from data import EOS, NEWLINE, PAD, encode, parse_problems, prompt, segments
-from model import KVCache, autocast, load_checkpoint, pick_device
+from model import KVCache, autocast, pick_device
 
 def left_pad(prompts, device):
     """idx (B, Tp) left-padded, pos (B, Tp) per-row positions, valid (B, Tp) key mask."""
@@ -211,7 +212,7 @@ def main(argv=None):
                 raise ValueError(why)
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
-        model, tok, _ = load_checkpoint(args.ckpt, device)
+        model, tok, _ = checkpoint.load(args.ckpt, device)
         ids = encode(tok, [prompt(problems)])[0]
         room = model.cfg.block_size - len(ids)
         if len(problems) > model.cfg.n_seg - 2 or room < 1 or args.max_new > room:

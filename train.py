@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bcr
+import checkpoint
 import report
 from data import build_tokenizer, heldout_problems, prompt, pretrain_batch, solution
-from model import (GPT, GPTConfig, Log, all_mean, atomic_write, autocast, checked_checkpoint, load_checkpoint,
-                   lock, new_optimizer, regular, restore, save_checkpoint, setup)
+from model import GPT, GPTConfig, all_mean, autocast, new_optimizer, setup
 from sample import ArgParser
 
 def arg(default, help, choices=None):
@@ -204,22 +204,22 @@ def set_lr(opt, step, total, peak, warmup, cosine):
 
 class Run:
     """The bookkeeping every training run shares, around its own `for step in run.steps` loop:
-    resume an interrupted checkpoint (meta, checked_checkpoint's) once its optimizer state and log
+    resume an interrupted checkpoint (meta, checkpoint.checked's) once its optimizer state and log
     agree with it, log each step, save every save_every steps and at the end (rank 0 only), stop
     on a non-finite step with the last good checkpoint untouched."""
 
     def __init__(self, cfg, folder, meta, model, opt, total, rank, world):
         self.cfg, self.folder, self.model, self.opt, self.total, self.rank, self.world = (
             cfg, folder, model, opt, total, rank, world)
-        start = restore(folder, model, opt, meta["step"]) if meta else 0
+        start = checkpoint.restore(folder, model, opt, meta["step"]) if meta else 0
         self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
-        self.log = Log(folder + ".jsonl", start, rank)
-        real = os.path.realpath(folder)  # where save_checkpoint swaps: what would fail its first save goes
+        self.log = checkpoint.Log(folder + ".jsonl", start, rank)
+        real = os.path.realpath(folder)  # where checkpoint.save swaps: what would fail its first save goes
         for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers)
             shutil.rmtree(stale, ignore_errors=True)
             if os.path.lexists(stale):
                 raise ValueError(f"{stale} is in the way of saving {folder} and cannot be removed: remove it")
-        self.log.start()
+        self.log.rewrite()
         if world > 1:  # every process starts from rank 0's weights
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
@@ -249,7 +249,7 @@ class Run:
             meta = {"train": asdict(self.cfg), "step": step, "done": step == self.total,
                     "wall_s": self.wall + time.perf_counter() - self.t0}
             state = {"step": step, "opt": self.opt.state_dict()}
-            save_checkpoint(self.folder, self.model, build_tokenizer(), meta, state)
+            checkpoint.save(self.folder, self.model, build_tokenizer(), meta, state)
         if self.world > 1 and step == self.total:
             dist.barrier()
 
@@ -282,7 +282,7 @@ def pretrain_step(model, opt, cfg, tok, step, rank, world, device):
 def pretrain(cfg, tok, rank, world, device):
     """The verbose base: finished -> reused; interrupted -> resumed with --resume, else refused."""
     folder = f"{cfg.out_dir}/base"
-    meta = checked_checkpoint(folder, cfg, BASE_KEYS, cfg.pt_steps)
+    meta = checkpoint.checked(folder, cfg, BASE_KEYS, cfg.pt_steps)
     if meta and meta["done"]:
         return
     torch.manual_seed(cfg.base_seed)
@@ -295,11 +295,11 @@ def pretrain(cfg, tok, rank, world, device):
 def rl(cfg, task, name, seed, tok, rank, world, device):
     """One RL run on the base: task is bcr.task's (bcr, mix, grpo, lenpen); cfg may hold a variant's flags."""
     folder = f"{cfg.out_dir}/{name}"
-    meta = checked_checkpoint(folder, cfg, RL_KEYS, cfg.rl_steps)
+    meta = checkpoint.checked(folder, cfg, RL_KEYS, cfg.rl_steps)
     if meta and meta["done"]:
         return
-    model = load_checkpoint(f"{cfg.out_dir}/base", device)[0]
-    ref = load_checkpoint(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
+    model = checkpoint.load(f"{cfg.out_dir}/base", device)[0]
+    ref = checkpoint.load(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
     opt = new_optimizer(model, cfg.rl_lr)
     _, cap, lenpen = bcr.task(task, cfg)
     step_cfg = replace(cfg, lenpen=lenpen, decode=decode_mode(cfg, device))
@@ -346,12 +346,12 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
     for run, (_, run_cfg, _) in todo.items():
         keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
         total = run_cfg.pt_steps if run == "base" else run_cfg.rl_steps
-        meta = checked_checkpoint(f"{cfg.out_dir}/{run}", run_cfg, keys, total, need_done=True)
+        meta = checkpoint.checked(f"{cfg.out_dir}/{run}", run_cfg, keys, total, need_done=True)
         if meta is None:
             raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
         path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
         key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 2}  # 2: N = 1 rows hold samples, p_first
-        regular(path)  # a link would be replaced, a FIFO hang the read: refused before any work
+        checkpoint.plain_file(path)  # a link would be replaced, a FIFO hang the read: refused before any work
         try:
             with open(path) as f:
                 ev = json.load(f)
@@ -359,7 +359,7 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
             ev = None
         if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
             t0 = time.perf_counter()
-            model, tok, _ = load_checkpoint(f"{cfg.out_dir}/{run}", device)
+            model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
             plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: at N = 1 only
             plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []
             rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
@@ -367,9 +367,10 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
                     for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
             ev = {"key": key, "greedy": g, "rows": rows, "wall_s": time.perf_counter() - t0}
             if rank == 0:
-                atomic_write(path, json.dumps(ev))
+                checkpoint.atomic_write(path, json.dumps(ev))
         log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
-        curve = [json.loads(x) for x in open(regular(log))] if run != "base" and os.path.exists(log) else []
+        curve = [json.loads(x) for x in open(checkpoint.plain_file(log))] \
+            if run != "base" and os.path.exists(log) else []
         evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": curve}
     return evals
 
@@ -388,7 +389,8 @@ def main(argv=None):
             raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
         os.makedirs(cfg.out_dir, exist_ok=True)
         try:
-            held, refused = lock(cfg.out_dir) if rank == 0 else None, None  # the other ranks share rank 0's
+            # the other ranks share rank 0's lock
+            held, refused = checkpoint.lock(cfg.out_dir) if rank == 0 else None, None
         except ValueError as e:
             refused = e
         if all_mean({"ok": float(refused is None)}, world)["ok"] < 1:  # all leave, none waits at a collective

@@ -36,7 +36,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from data import build_tokenizer, doc_rng, encode, heldout_problems, packed_prompts, prompt, segments  # noqa: E402
 from model import GPT, GPTConfig, autocast, new_optimizer, pick_device, update_bf16  # noqa: E402
-from model import load_checkpoint  # noqa: E402
+from checkpoint import load as load_checkpoint  # noqa: E402
 from train import ArgParser  # noqa: E402
 
 

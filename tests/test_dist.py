@@ -13,7 +13,8 @@ import bcr
 import proc
 import train
 from data import doc_rng, packed_prompts
-from model import load_checkpoint, new_optimizer
+from checkpoint import load as load_checkpoint
+from model import new_optimizer
 from test_train import TINY, run, tiny  # noqa: F401  (the module-scoped tiny base)
 
 

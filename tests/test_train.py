@@ -9,13 +9,13 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import bcr
+import checkpoint
 import model
 import proc
 import sample
@@ -123,7 +123,7 @@ def test_a_checkpoint_without_a_key_of_today_is_refused(tiny, tmp_path):
     del meta["train"]["p_direct"]
     (tmp_path / "base" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="p_direct: None there"):
-        model.checked_checkpoint(tmp_path / "base", train.parse_config(TINY), train.BASE_KEYS, 8)
+        checkpoint.checked(tmp_path / "base", train.parse_config(TINY), train.BASE_KEYS, 8)
 
 
 def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
@@ -139,7 +139,7 @@ def test_fewer_bigger_micro_batches_train_the_same(tiny, tmp_path):
 def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny, cut):
     import shutil
     shutil.copytree(tiny / "base", tmp_path / "base")
-    net, tok, meta = model.load_checkpoint(tmp_path / "base")
+    net, tok, meta = checkpoint.load(tmp_path / "base")
     calls = []
     real = os.replace
 
@@ -150,10 +150,10 @@ def test_atomic_save_survives_a_kill_during_the_swap(tmp_path, monkeypatch, tiny
         real(a, b)
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        model.save_checkpoint(str(tmp_path / "base"), net, tok, {"step": 99}, {})
+        checkpoint.save(str(tmp_path / "base"), net, tok, {"step": 99}, {})
     monkeypatch.setattr(os, "replace", real)
-    model.recover(str(tmp_path / "base"))
-    _, _, again = model.load_checkpoint(tmp_path / "base")
+    checkpoint.undo_cut_save(str(tmp_path / "base"))
+    _, _, again = checkpoint.load(tmp_path / "base")
     assert again["step"] == meta["step"] == 8  # the old checkpoint, whole and loadable
 
 
@@ -191,7 +191,7 @@ def test_nan_stops_the_stage_and_keeps_the_last_checkpoint(tmp_path, monkeypatch
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
     err = capsys.readouterr().err.strip()  # the progress bar's lines, then the one-line error
     assert err.splitlines()[-1].startswith("error: non-finite") and "Traceback" not in err
-    _, _, meta = model.load_checkpoint(tmp_path / "base")
+    _, _, meta = checkpoint.load(tmp_path / "base")
     assert meta["step"] in (3, 6) and not meta["done"]
 
 
@@ -469,7 +469,7 @@ def test_a_dependent_stage_never_builds_on_an_unfinished_base(half, tiny, tmp_pa
     one_error(capsys, "unfinished", "step 3")
     assert digest(out / "base") == before and (out / "base.jsonl").read_bytes() == log
     assert run(TINY + [f"--out_dir={out}", "--stage=bcr", "--resume"]) == 0  # the base is finished first
-    assert model.load_checkpoint(out / "base")[2]["done"] and model.load_checkpoint(out / "bcr-s1")[2]["done"]
+    assert checkpoint.load(out / "base")[2]["done"] and checkpoint.load(out / "bcr-s1")[2]["done"]
     a, b = weights(out / "base"), weights(tiny / "base")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -503,9 +503,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, mon
     base.tmp left to fill the disk."""
     from safetensors import SafetensorError
 
-    import model
     saves = []
-    real_save_file, real_torch_save, real_open = model.save_file, torch.save, builtins.open
+    real_save_file, real_torch_save, real_open = checkpoint.save_file, torch.save, builtins.open
 
     def full(real, error):
         def wrapped(*a, **k):
@@ -513,10 +512,10 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, mon
                 raise error
             return real(*a, **k)
         return wrapped
-    real_save_model = model.save_model
-    monkeypatch.setattr(model, "save_model", lambda *a, **k: (saves.append(1), real_save_model(*a, **k)))
+    real_save_model = checkpoint.write_weights
+    monkeypatch.setattr(checkpoint, "write_weights", lambda *a, **k: (saves.append(1), real_save_model(*a, **k)))
     if where == "safetensors":
-        monkeypatch.setattr(model, "save_file", full(real_save_file, SafetensorError(
+        monkeypatch.setattr(checkpoint, "save_file", full(real_save_file, SafetensorError(
             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')))
     elif where == "torch.save":  # what torch.save raises on a full disk
         monkeypatch.setattr(torch, "save", full(real_torch_save, RuntimeError(
@@ -545,7 +544,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(where, tmp_path, mon
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 2
     one_error(capsys, "cannot write a checkpoint", "untouched")
     monkeypatch.undo()
-    assert model.load_checkpoint(tmp_path / "base")[2]["step"] == 3
+    assert checkpoint.load(tmp_path / "base")[2]["step"] == 3
     assert not os.path.exists(tmp_path / "base.tmp")
 
 
@@ -614,7 +613,7 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     """Killed between the two renames, a save leaves only base.old and base.tmp: sample.py (not only
     train.py) must load base.old as the checkpoint."""
     shutil.copytree(tiny / "base", tmp_path / "base")
-    net, tok, _ = model.load_checkpoint(tmp_path / "base")
+    net, tok, _ = checkpoint.load(tmp_path / "base")
     real = os.replace
     calls = []
 
@@ -626,7 +625,7 @@ def test_a_save_cut_between_its_renames_is_recovered_by_sample_py(tiny, tmp_path
     with monkeypatch.context() as m:
         m.setattr(os, "replace", dying_replace)
         with pytest.raises(KeyboardInterrupt):
-            model.save_checkpoint(str(tmp_path / "base"), net, tok, {"step": 99}, {})
+            checkpoint.save(str(tmp_path / "base"), net, tok, {"step": 99}, {})
     assert sorted(os.listdir(tmp_path)) == ["base.old", "base.tmp"]
     sample.main(["--ckpt", str(tmp_path / "base"), "--problems", "1+2"])  # no SystemExit
     assert "problem 1: 1+2" in capsys.readouterr().out
@@ -669,7 +668,7 @@ def test_one_out_dir_one_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "pretrain_batch", meanwhile)
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain"]) == 0 and second == [2]
     one_error(capsys, f"is in use by pid {os.getpid()}")
-    assert model.load_checkpoint(tmp_path / "base")[2]["done"]
+    assert checkpoint.load(tmp_path / "base")[2]["done"]
     with open(tmp_path / ".lock") as f:  # released when the run ended
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -683,7 +682,7 @@ def test_a_symlinked_checkpoint_folder_saves_and_resumes(half, tiny, tmp_path):
     os.symlink(real / "base", out / "base")
     assert run(TINY + [f"--out_dir={out}", "--stage=pretrain", "--resume"]) == 0  # saves at steps 6 and 8
     assert (out / "base").is_symlink() and sorted(os.listdir(real)) == ["base"]
-    assert not os.path.lexists(out / "base.old") and model.load_checkpoint(out / "base")[2]["done"]
+    assert not os.path.lexists(out / "base.old") and checkpoint.load(out / "base")[2]["done"]
     a, b = weights(out / "base"), weights(tiny / "base")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -705,7 +704,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     lines = [x for x in err.splitlines() if x.strip() and "it/s" not in x and "s/it" not in x and "base:" not in x]
     assert p.returncode == 130 and "Traceback" not in err and len(lines) == 1, err
     assert "interrupted" in lines[0] and str(tmp_path) in lines[0] and "--resume" in lines[0]
-    assert not model.load_checkpoint(tmp_path / "base")[2]["done"]
+    assert not checkpoint.load(tmp_path / "base")[2]["done"]
 
 
 def disagree(half, out, how):
@@ -808,7 +807,7 @@ def test_nan_in_the_optimizer_state_is_never_saved(tmp_path, capsys):
         m.setattr(torch.optim.AdamW, "step", poisoned)
         assert run(TINY + [f"--out_dir={tmp_path}", "--stage=pretrain", "--pt_muon_lr=0"]) == 2
     one_error(capsys, "non-finite", "optimizer state", "step 3", "untouched")
-    assert model.load_checkpoint(tmp_path / "base")[2]["step"] == 3  # the save after step 2, not a poisoned one
+    assert checkpoint.load(tmp_path / "base")[2]["step"] == 3  # the save after step 2, not a poisoned one
 
 
 ALLOC_ERRORS = [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
