@@ -23,7 +23,6 @@ results non-negative (a >= b); a borrowed column is written with its 1: "12-7=5"
 column pays it back: "5-1-1=3". The tokenizer is character level, so a character offset in a
 string is also a token offset (reward.py relies on this for per-slot credit).
 """
-import json
 import random
 import zlib
 
@@ -145,15 +144,6 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIALS)
-    return tok
-
-def load_tokenizer(path):
-    try:
-        tok = Tokenizer.from_file(path)
-    except Exception as e:  # tokenizers raises a bare Exception for missing and corrupt files
-        raise ValueError(f"cannot load tokenizer {path!r} ({str(e).splitlines()[0][:80]})") from None
-    if json.loads(tok.to_str()) != json.loads(build_tokenizer().to_str()):  # vocabulary, normalizer, splits
-        raise ValueError(f"{path} is not nanoBCR's character tokenizer")
     return tok
 
 def encode(tok, texts):

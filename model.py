@@ -42,10 +42,6 @@ class GPTConfig:
                 raise ValueError(f"{k} must be an integer from 1 to 65536 (got {v!r})")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
             raise ValueError("n_embd must be a multiple of n_head with an even head size (RoPE)")
-        need = 4 * 12 * self.n_layer * self.n_embd ** 2  # fp32 bytes of the blocks' weights alone
-        if need > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
-            raise ValueError(f"n_layer={self.n_layer}, n_embd={self.n_embd}: the weights alone need "
-                             f"{need / 2 ** 30:.0f} GiB, more than this machine's memory")
 
 def rope_tables(block_size, head_dim, base=1e5):
     """Tables for rotating channel pairs (i, i + hd/2) by their position's angle, computed once:

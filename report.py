@@ -1,34 +1,30 @@
 """
-The reproduction harness: the evaluation rows of train.py's runs turned into verdicts, tables and
-figures (out/report.*, ablations.*, frontier.*): how the results are judged, not how BCR works.
-Every verdict gives the paper's claim in its own words (arXiv 2604.02322, abstract), the toy's
-measurement and the rule that joins them, written before the runs it judges and never changed
-because of what it returned. "2 se": twice the standard error of a difference, from each
-evaluation's own sampling noise (bcr.evaluate), 2 * hypot(se_a, se_b).
-
+The harness: train.py's evaluation rows turned into verdicts, tables and figures (out/report.*,
+ablations.*, frontier.*, adapt.*): how results are judged, not how BCR works. A verdict gives the
+paper's claim in its words (arXiv 2604.02322, abstract), the toy's measurement and the rule joining
+them, written before the runs it judges and never changed because of what it returned. "2 se":
+2 * hypot(se_a, se_b), from each evaluation's own sampling noise (bcr.evaluate). Each rule holds on
+every seed.
 - Free lunch: "reduces token usage by 15.8% to 62.6% while consistently maintaining or improving
-  accuracy". Rule, on every seed: BCR at N = 1 uses at least 15.8% fewer tokens per problem than the
-  base, and its accuracy is not below the base's by more than 2 se. Where the reduction falls
-  against the paper's range (below, inside, above) is stated beside it.
+  accuracy". BCR at N = 1 uses >= 15.8% fewer tokens per problem than the base, its accuracy not
+  below the base's by > 2 se; where the cut falls against the paper's range is stated beside it.
 - Task-scaling law: "as the number of concurrent problems N increases during inference, per-problem
   token usage decreases monotonically while accuracy degrades far more gracefully than baselines"
-  (the baselines are the base models, packed the same way). Rule, on every seed: BCR's tokens per
-  problem never rise from one N to the next by more than 2 se and fall from the first N to the last
-  by more than 2 se; and BCR keeps a larger share of its N = 1 accuracy at the largest N than the
-  base keeps of its own.
+  (the base models, packed the same way). BCR's tokens per problem never rise from one N to the
+  next by > 2 se and fall from the first N to the last by > 2 se; BCR keeps a larger share of its
+  N = 1 accuracy at the largest N than the base keeps of its own.
 - Loops: "models autonomously eliminate redundant metacognitive loops without explicit length
-  supervision", necessary steps kept. The paper gives no number; "eliminate" is taken to mean, on
-  every seed: at least 90% fewer re-check loops per problem than the base at N = 1, and fewer than
-  the no-budget GRPO control of the same seed keeps (else RL alone, not the budget, removed them);
-  "steps kept": at least 90% of the base's necessary steps per problem.
+  supervision", necessary steps kept. No number given; "eliminate": >= 90% fewer re-check loops per
+  problem than the base at N = 1, and fewer than the no-budget GRPO control keeps (else RL alone,
+  not the budget, removed them); "steps kept": >= 90% of the base's necessary steps.
 - Explicit penalty: "implicit budget constraints successfully circumvent the adversarial gradients
-  and catastrophic optimization collapse inherent to explicit length penalties"; with r_len =
-  -|y|/maxlen accuracy "falls rapidly to zero". Every run gets a category (category()); rule: the
-  length-penalty control collapsed on every seed and BCR on none.
-Beyond the paper, verdicts of their own: findings()'s "beyond" and budget_aware(). The frontier
-(train.py --stage=frontier) puts predictions() beside what each penalty weight and budget did.
+  and catastrophic optimization collapse inherent to explicit length penalties" (accuracy "falls
+  rapidly to zero"). The length-penalty control collapsed (category()) and BCR did not.
+Beyond the paper, verdicts of their own: findings()'s "beyond" and adapts(). The frontier puts
+predictions() beside what each penalty weight and budget did.
 """
 import io
+import itertools
 import json
 import math
 import platform
@@ -37,16 +33,20 @@ from dataclasses import asdict
 
 import torch
 
-from data import heldout_problems, solution
+import bcr
 from checkpoint import atomic_write
-from model import update_bf16
+from data import EOS, encode, heldout_problems, prompt, segments, solution
+from model import autocast, update_bf16
 
 PAPER_CUT = (0.158, 0.626)  # the paper's token reductions at N = 1, smallest and largest
+TITLES = {"report": "nanoBCR report", "ablations": "nanoBCR ablations (b and N vary in training only)",
+          "frontier": "nanoBCR frontier: an explicit length penalty against an implicit budget",
+          "adapt": "nanoBCR: does BCR adapt to N?"}
 NAMES = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",
-         "lenpen": "length penalty, N = 1 under C"}
+         "lenpen": "length penalty, N = 1 under C", "adapt": "budget-aware BCR: N from 1 to max_N under C"}
 
 def pick(rows, N, decoding="sample"):
-    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding and not r.get("room"))
+    return next(r for r in rows if r["N"] == N and r["decoding"] == decoding)
 
 def spread(xs, fmt="{:.3f}"):
     return fmt.format(sum(xs) / len(xs)) + f" ({fmt.format(min(xs))}, {fmt.format(max(xs))})" * (len(xs) > 1)
@@ -89,23 +89,22 @@ def claim(ok, paper, rule, evidence):
 def findings(es, Ns, lenpen):
     """The paper's four claims, then the comparison beyond it, each a rule applied to every seed."""
     seeds = lambda name: {e["seed"]: e for e in es if e["name"] == name}  # noqa: E731
-    base, bcr, grpo, lp = es[0]["eval"], seeds("bcr"), seeds("grpo"), seeds("lenpen")
+    base, main, grpo, lp = es[0]["eval"], seeds("bcr"), seeds("grpo"), seeds("lenpen")
     b1, Nmax, f = pick(base, 1), max(Ns), {}
-    for s, e in bcr.items():
-        x1 = pick(e["eval"], 1)
-        row = {"cut": 1 - ratio(x1["tokens_per_problem"], b1["tokens_per_problem"]),
-               "dacc": x1["acc"] - b1["acc"], "se2": two_se(x1, b1),
+    for s, e in main.items():
+        x1, of_base = pick(e["eval"], 1), lambda row, k: ratio(row[k], b1[k])  # noqa: E731
+        row = {"cut": 1 - of_base(x1, "tokens_per_problem"), "dacc": x1["acc"] - b1["acc"],
+               "se2": two_se(x1, b1),
                "falls": falls([pick(e["eval"], N) for N in Ns]), "keep": kept(e["eval"], Nmax),
-               "loops": ratio(x1["loops_per_problem"], b1["loops_per_problem"]),
-               "grpo_loops": ratio(pick(grpo[s]["eval"], 1)["loops_per_problem"], b1["loops_per_problem"]),
-               "steps": ratio(x1["steps_per_problem"], b1["steps_per_problem"]),
+               "loops": of_base(x1, "loops_per_problem"), "steps": of_base(x1, "steps_per_problem"),
+               "grpo_loops": of_base(pick(grpo[s]["eval"], 1), "loops_per_problem"),
                "lp_keep": kept(lp[s]["eval"], Nmax)}
         for k, v in row.items():
             f.setdefault(k, []).append(v)
     where = {"below" if c < PAPER_CUT[0] else "inside" if c <= PAPER_CUT[1] else "above" for c in f["cut"]}
     tpp = " | ".join(" ".join(f"{pick(e['eval'], N)['tokens_per_problem']:.1f}" for N in Ns)
-                     for e in bcr.values())
-    cats = {n: [category(e["eval"], base, e["curve"]) for e in runs.values()] for n, runs in (("bcr", bcr),
+                     for e in main.values())
+    cats = {n: [category(e["eval"], base, e["curve"]) for e in runs.values()] for n, runs in (("bcr", main),
                                                                                             ("lenpen", lp))}
     return {
         "free_lunch": claim(
@@ -144,31 +143,112 @@ def findings(es, Ns, lenpen):
             f"kept from N = 1 to {Nmax}: BCR {spread(f['keep'], '{:.0%}')}, length penalty "
             f"{spread(f['lp_keep'], '{:.0%}')}")}}
 
-def budget_aware(es, Nmax):
-    """Beyond the paper: budget-aware BCR (task mix) spends at most 0.8 x its N = 1 tokens per problem
-    at the largest N, with at most 10% of prompts cut by C."""
-    mix = [(pick(e["eval"], Nmax), pick(e["eval"], 1)) for e in es if e["name"] == "mix"]
-    shrink = [a["tokens_per_problem"] / b["tokens_per_problem"] for a, b in mix]
-    cut = [a["truncation_rate"] for a, _ in mix]
-    return claim(all(x <= 0.8 for x in shrink) and all(x <= 0.1 for x in cut), "not claimed by the paper",
-                 f"every seed: N = {Nmax} tokens per problem <= 0.8 x N = 1's, truncation <= 10%",
-                 f"budget-aware BCR spends {spread(shrink)} x its N = 1 tokens per problem at N = {Nmax}, "
-                 f"truncation {spread(cut)}")
+@torch.no_grad()
+def first_token(model, tok, problems):
+    """The mean probability at N = 1 that an answer starts with <eos> (empty) or "A" (no steps)."""
+    device, ids, p = model.wte.weight.device, encode(tok, [prompt([q]) for q in problems]), []
+    for L in sorted({len(x) for x in ids}):  # prompts of one length: a batch with no padding
+        x = torch.tensor([i for i in ids if len(i) == L], device=device)          # (b, L)
+        with autocast(device):
+            p.append(model(x, segments(x, L))[:, -1].float().softmax(-1))        # (b, V)
+    p = torch.cat(p)
+    return {"eos": p[:, EOS].mean().item(), "A": p[:, tok.token_to_id("A")].mean().item()}
+
+def truncation_model(samples, C, Ns):
+    """The N-sweep of a model that solves every packed problem exactly as it solves one alone (its
+    N = 1 `samples`: tokens with <eos>, right), one after another until the cap C cuts them: exact,
+    by convolving the length distribution (problem k scores iff right and the first k fit in C). A
+    model on it at large N has not adapted to N; one above it spends less when the budget is short."""
+    L = torch.tensor([s[0] - 1 for s in samples]).clamp(max=C + 1)                 # (n,) without <eos>
+    pmf = torch.bincount(L, minlength=C + 2).double() / len(L)                       # (C+2,) last: > C
+    hit = torch.bincount(L, torch.tensor([float(s[1]) for s in samples]).double(), C + 2) / len(L)
+    fits = hit[:C + 1].cumsum(0)                      # (C+1,) P(right and length <= m), m = 0..C
+    S, acc, out = torch.zeros(C + 1, dtype=torch.float64), 0.0, []  # S: P(first k solutions used s)
+    S[0] = 1.0
+    for N in range(1, max(Ns) + 1):
+        acc += (S * fits.flip(0)).sum().item()        # P(problem N right and it fits after S)
+        total = (torch.arange(C + 1)[:, None] + torch.arange(C + 1)).flatten()       # (C+1)^2 sums s + l
+        both = torch.outer(S, pmf[:C + 1]).flatten()  # P(s used so far, then a solution of l), by s + l
+        S = torch.zeros(2 * C + 1, dtype=torch.float64).index_add_(0, total, both)
+        S = S[:C + 1]                                 # mass past C is a cut, 1 - S.sum()
+        if N in Ns:  # tokens: the solutions, <eos> after the last, or all of C when it cut them
+            used = (S * (torch.arange(C + 1) + 1).clamp(max=C)).sum().item() + (1 - S.sum().item()) * C
+            out.append({"N": N, "acc": acc / N, "tokens_per_problem": used / N})
+    return out
+
+def strategies(samples, fallback=None, least=20):
+    """A model's two strategies from its N = 1 answers (samples: tokens with <eos>, right, direct,
+    loops, columns): {(columns, direct): (accuracy, mean tokens without <eos>)}, {columns: share}.
+    A cell of fewer than `least` answers (a strategy the model hardly uses) takes fallback's."""
+    cells, share = {}, {}
+    for c in sorted({s[4] for s in samples}):
+        share[c] = sum(s[4] == c for s in samples) / len(samples)
+        for d in (True, False):
+            xs = [(s[1], s[0] - 1) for s in samples if s[4] == c and bool(s[2]) == d]
+            use = len(xs) >= least or not fallback
+            cells[c, d] = tuple(map(statistics.mean, zip(*xs))) if use and xs else \
+                fallback[0][c, d] if fallback else (0.0, math.inf)
+    return cells, share
+
+def oracle(cells, share, C, N):
+    """(best, all direct): the allocation oracle bounds what any mix of a model's two strategies can
+    reach at N under C. Knowing every problem's column count, it answers each directly, stepped or
+    not at all so that the answers fit in C at the strategies' mean lengths and the expected number
+    right is largest (an exact search over how many of each column count go each way), averaged over
+    the mix of column counts. Beside it, every problem answered directly, as many as fit."""
+    classes, best = sorted(share), 0.0
+    for combo in itertools.combinations_with_replacement(classes, N):
+        n = [combo.count(c) for c in classes]
+        p = math.factorial(N) * math.prod(share[c] ** k / math.factorial(k) for c, k in zip(classes, n))
+        ways = [[(d, s) for d in range(k + 1) for s in range(k + 1 - d)] for k in n]
+        fits = [0.0]
+        for plan in itertools.product(*ways):  # (direct, stepped) of each column count
+            total = [d * cells[c, True][i] + s * cells[c, False][i] for i in (0, 1)
+                     for c, (d, s) in zip(classes, plan)]
+            if 1 + sum(total[len(classes):]) <= C:
+                fits.append(sum(total[:len(classes)]))
+        best += p * max(fits) / N
+    direct_len = sum(share[c] * cells[c, True][1] for c in classes)
+    answered = min(N, (C - 1) // direct_len) / N
+    return best, answered * sum(share[c] * cells[c, True][0] for c in classes)
+
+def adapts(es, name, Ns):
+    """Beyond the paper, "BCR adapts to N", for run `name`. Rule (written before the runs it judges),
+    on every seed: at each N of 6, 7, 8 (the three largest N of a shorter sweep), accuracy above both
+    the truncation model's prediction and the all-direct line, from the run's own N = 1 answers, by
+    more than 2 se (of that N and of N = 1); at most 10% of prompts cut at the largest N; N = 1
+    accuracy not below the default BCR's (same seed) by more than 2 se. Beside it, the distance to
+    the allocation oracle at each N."""
+    big = [N for N in Ns if N >= 6] or Ns[-3:]
+    main = {e["seed"]: pick(e["eval"], 1) for e in es if e["name"] == "bcr"}
+    ok, gaps, worst = [], [], []
+    for e in (e for e in es if e["name"] == name):
+        one, lines = pick(e["eval"], 1), {p["N"]: p for p in e["predicted"]}
+        margin = [pick(e["eval"], N)["acc"] - max(lines[N]["acc"], lines[N]["all_direct"])
+                  - two_se(pick(e["eval"], N), one) for N in big]
+        held = one["acc"] >= main[e["seed"]]["acc"] - two_se(one, main[e["seed"]])
+        ok.append(min(margin) > 0 and pick(e["eval"], Ns[-1])["truncation_rate"] <= 0.1 and held)
+        gaps.append([lines[N]["oracle"] - pick(e["eval"], N)["acc"] for N in big])
+        worst.append(min(margin))
+    return claim(all(ok), "not claimed by the paper",
+                 f"every seed: at N = {', '.join(map(str, big))} accuracy above the truncation model and the "
+                 f"all-direct line by > 2 se; <= 10% of prompts cut at N = {Ns[-1]}; N = 1 accuracy not "
+                 f"below BCR's by > 2 se",
+                 f"{name}: {sum(ok)} of {len(ok)} seeds; smallest margin over the lines (2 se taken off) "
+                 f"{spread(worst, '{:+.3f}')}; below the oracle at N = {', '.join(map(str, big))} by "
+                 + " / ".join(spread([g[i] for g in gaps]) for i in range(len(big))))
 
 def predictions(base1, C, format_bonus, rollouts):
-    """Closed forms from the base's sampled N = 1 row (its samples: tokens with <eos>, score, direct,
-    loops, columns) for the frontier, each strategy's expected reward r = acc + format - lambda*|y|/C:
-    - lambda_c, per column count: without std normalisation a direct answer out-earns a loop-free
-      stepped one once lambda > (acc_step - acc_direct) * C / (len_step - len_direct); the predicted
-      direct share is that of the problems whose lambda_c < lambda. With it, any lambda > 0: in a
-      group whose samples are all right the length term is the only difference, and normalising
-      makes it a full-size advantage (predicted: a shortcut, direct share >= 0.5);
-    - lambda_empty: an empty completion (<eos> alone) out-earns a direct answer once lambda >
-      (acc_direct + format_bonus) * C / (len_direct - 1). On-policy RL only moves among what the
-      policy samples: collapse to it is predicted only if the base would sample an immediate <eos>
-      at least once in the run's rollouts (p_eos * rollouts >= 1);
-    - BCR at b: N answers fit in N*b only if a share x of them is direct, x*len_direct +
-      (1 - x)*len_step <= b: the least direct share."""
+    """The frontier's closed forms from the base's N = 1 samples (tokens with <eos>, right, direct,
+    loops, columns), each strategy's expected reward r = acc + format - lambda*|y|/C:
+    - lambda_c per column count: without std normalisation a direct answer out-earns a loop-free
+      stepped one once lambda > (acc_step - acc_direct) C / (len_step - len_direct): the predicted
+      direct share is that of the problems with lambda_c < lambda. With it, any lambda > 0 (in an
+      all-right group the length term alone differs, and normalising makes it full-size): >= 0.5;
+    - lambda_empty: <eos> alone out-earns a direct answer once lambda > (acc_direct + format) C /
+      (len_direct - 1); on-policy RL moves only among what it samples, so collapse is predicted only
+      if the base would sample an immediate <eos> in the run's rollouts (p_eos * rollouts >= 1);
+    - BCR at b: N answers fit in N*b only if a share x is direct, x len_direct + (1-x) len_step <= b."""
     S, out = base1["samples"], {"per_column": {}}
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     for c in sorted({s[4] for s in S}):
@@ -201,7 +281,7 @@ def frontier(es, variants, cfg, Nmax):
     """One row per setting: its seeds' figures, categories, and the predictions beside them."""
     base, rows = es[0], []
     rollouts = cfg.G * cfg.prompts * cfg.rl_steps  # each starts with a sample of the first token
-    pr = predictions(pick(base["eval"], 1), cfg.C or 4 * cfg.b, cfg.format_bonus, rollouts)
+    pr = predictions(pick(base["eval"], 1), bcr.budget(cfg), cfg.format_bonus, rollouts)
     for name, (task, flags) in variants.items():
         runs = [e for e in es if e["name"] == name]
         lam, std, b = (flags.get(k, getattr(cfg, k)) for k in ("lenpen", "std_norm", "b"))
@@ -222,23 +302,46 @@ def setting(r, short=False):
     return (f"λ={r['lenpen']:g}" if short else f"length penalty λ = {r['lenpen']:g}") + (
         "" if r["std_norm"] else " no std" if short else ", no std normalisation")
 
+def verdicts_md(f):
+    """The paper's claims as a table, the comparisons beyond it as a list."""
+    paper = [f"| {k} | \"{v['paper']}\" | {v['evidence']} | {v['rule']} | "
+             f"{'reproduced' if v['reproduced'] else '**not reproduced**'} |"
+             for k, v in f.items() if k != "beyond"]
+    beyond = [f"- **{k}**: {'yes' if v['reproduced'] else '**no**'}. {v['evidence']} (rule: {v['rule']})."
+              for k, v in f.get("beyond", {}).items()]
+    head = ["## The paper's claims\n", "| claim | the paper | the toy | rule | verdict |", "|---|" * 5]
+    return head * bool(paper) + paper + ["\n## Beyond the paper\n"] * bool(beyond) + beyond
+
 def summary(es, Nmax, what):
     """Markdown: one row per model, mean (min, max) over its seeds, at N = 1 and at the largest N."""
     cols = [(1, "acc", "acc", "{:.3f}"), (1, "tokens_per_problem", "tokens/problem", "{:.1f}"),
             (1, "direct_share", "direct share", "{:.2f}"), (1, "loops_per_problem", "loops", "{:.2f}"),
             (Nmax, "acc", "acc", "{:.3f}"), (Nmax, "tokens_per_problem", "tokens/problem", "{:.1f}"),
             (Nmax, "truncation_rate", "truncated", "{:.2f}")]
-    head = " | ".join(f"N={N} {h}" for N, _, h, _ in cols)
-    out = [f"| run | what | {head} | tokens N={Nmax} / N=1 |", "|" + "---|" * (len(cols) + 3)]
+    out = ["| run | what | " + " | ".join(f"N={N} {h}" for N, _, h, _ in cols) + " |",
+           "|---" * (len(cols) + 2)]
     for name in what:
         at = [{N: pick(e["eval"], N) for N in (1, Nmax)} for e in es if e["name"] == name]
-        cells = [spread([a[N][k] for a in at], fmt) for N, k, _, fmt in cols]
-        shrink = [a[Nmax]["tokens_per_problem"] / a[1]["tokens_per_problem"] for a in at]
-        out.append(f"| {name} | {what[name]} | " + " | ".join(cells + [spread(shrink, "{:.2f}")]) + " |")
+        out.append(f"| {name} | {what[name]} | " + " | ".join(spread([a[N][k] for a in at], fmt)
+                                                           for N, k, _, fmt in cols) + " |")
     return "\n".join(out)
 
-def frontier_md(pr, rows, C, Nmax):
-    out = [f"| setting | N=1 acc | N=1 tokens/problem | N=1 direct share | N={Nmax} acc | lowest smoothed "
+def sweep_md(es, Ns):
+    """Markdown: each model's accuracy at each N (mean over seeds) beside what its N = 1 answers
+    predict: the truncation model, the all-direct line and the allocation oracle; and its direct share."""
+    out = ["| run | | " + " | ".join(f"N={N}" for N in Ns) + " |", "|---|---|" + "---|" * len(Ns)]
+    rows = (("accuracy", "eval", "acc"), ("truncation model", "predicted", "acc"),
+            ("all direct", "predicted", "all_direct"), ("oracle", "predicted", "oracle"),
+            ("direct share", "eval", "direct_share"), ("prompts cut", "eval", "truncation_rate"))
+    for name in dict.fromkeys(e["name"] for e in es):
+        runs = [e for e in es if e["name"] == name]
+        for label, where, k in rows:
+            at = [statistics.mean(next(r[k] for r in e[where] if r["N"] == N) for e in runs) for N in Ns]
+            out.append(f"| {name} | {label} | " + " | ".join(f"{x:.3f}" for x in at) + " |")
+    return "\n".join(out)
+
+def frontier_md(pr, rows, C):
+    out = ["| setting | N=1 acc | N=1 tokens/problem | N=1 direct share | largest N acc | lowest smoothed "
            "rollout acc | categories | predicted direct share | predicted collapse | prediction holds |",
            "|" + "---|" * 10]
     for r in rows:
@@ -249,41 +352,47 @@ def frontier_md(pr, rows, C, Nmax):
                  f"{floor}{r['predicted_direct']:.2f}", collapse, "yes" if r["holds"] else "**no**"]
         out.append(f"| {setting(r)} | " + " | ".join(cells) + " |")
     out.append(f"\nFrom the base's sampled N = 1 answers under C = {C}:\n")
-    for c, p in pr["per_column"].items():
-        out.append(f"- {c} column(s), {p['share']:.0%} of problems: direct {p['acc_direct']:.3f} right in "
-                   f"{p['len_direct']:.1f} tokens, stepped {p['acc_step']:.3f} in {p['len_step']:.1f} "
-                   f"(loop-free): without std normalisation direct pays from lambda_c = {p['lambda']:.2f}")
+    out += [f"- {c} column(s), {p['share']:.0%} of problems: direct {p['acc_direct']:.3f} right in "
+            f"{p['len_direct']:.1f} tokens, stepped {p['acc_step']:.3f} in {p['len_step']:.1f} (loop-free): "
+            f"without std normalisation direct pays from lambda_c = {p['lambda']:.2f}"
+            for c, p in pr["per_column"].items()]
     out.append(f"- an empty completion out-earns a direct answer from lambda = {pr['lambda_empty']:.2f}; the "
-               f"base ends at once with p = {pr['p_eos']:.2g} and starts with the answer label with p = "
-               f"{pr['p_A']:.2g}: it would sample an immediate <eos> {pr['p_eos'] * pr['rollouts']:.2g} "
-               f"times in a run's {pr['rollouts']} rollouts")
+               f"base ends at once with p = {pr['p_eos']:.2g} (begins with the answer: {pr['p_A']:.2g}): it "
+               f"would sample an immediate <eos> {pr['p_eos'] * pr['rollouts']:.2g} times in "
+               f"{pr['rollouts']} rollouts")
     out.append(f"- BCR at b fits N answers in N*b only with a direct share >= (len_step - b) / (len_step - "
                f"len_direct), len_step = {pr['len_step']:.1f}, len_direct = {pr['len_direct']:.1f}")
     return "\n".join(out)
 
-def entries(cfg, ev, predict):
-    """One entry per run of ev (train.evaluate_runs'): its N-sweep under C, the base's with room apart,
-    its N = 1 figures, the truncation model's sweep (bcr.predict), its training curve (if logged)."""
-    out, C, Ns = [], cfg.C or 4 * cfg.b, [int(x) for x in cfg.eval_Ns.split(",")]
+def entries(cfg, ev, C, Ns):
+    """One entry per run of ev (train.evaluate_runs'): its N-sweep under C, its N = 1 figures, what its
+    N = 1 answers predict at each N (the truncation model, the allocation oracle and the all-direct
+    line; a strategy it hardly uses: the base's figures), its curve."""
+    out, base = [], None
     for run, v in ev.items():
         name, _, seed = run.removeprefix("abl-").rpartition("-s") if run != "base" else ("base", "", "")
-        sweep = [r for r in v["rows"] if r["budget"] == C]
+        sweep = v["rows"]
         one = pick(sweep, 1)
+        cells = strategies(one["samples"], base)
+        base = base or cells
+        predicted = truncation_model(one["samples"], C, Ns)
+        for p in predicted:
+            p["oracle"], p["all_direct"] = oracle(*cells, C, p["N"])
         out.append({"name": name, "seed": int(seed) if seed else None, "eval": sweep,
-                    "eval_room": [dict(r, room=True) for r in v["rows"] if r["budget"] != C],
                     "free_lunch": {k: one[k] for k in ("budget", "acc", "tokens_per_problem", "direct_share",
                                                        "loops_per_problem", "steps_per_problem")},
-                    "predicted": predict(one["samples"], C, Ns),
+                    "predicted": predicted,
                     "curve": [{k: c[k] for k in ("step", "reward", "acc", "tokens", "loops", "truncated")}
                               for c in v["curve"]]})
     return out
 
-def write(cfg, device, ev, variants, predict):
-    """out/<kind>.json and .md, and with matplotlib a figure (report.png, frontier.png); the kind is
-    the stage's: report (the paper's claims), ablations (budget-aware BCR) or frontier. ev: train.py's
-    evaluate_runs; variants: {label: (task, flags)} of the ablations and the frontier; predict: bcr's."""
-    es, C, Ns = entries(cfg, ev, predict), cfg.C or 4 * cfg.b, [int(x) for x in cfg.eval_Ns.split(",")]
-    kind, Nmax, wall = cfg.stage if cfg.stage in ("ablations", "frontier") else "report", max(Ns), {}
+def write(cfg, device, ev, variants):
+    """out/<kind>.json and .md, and with matplotlib a figure (but for the ablations); the kind is the
+    stage's: report (the paper's claims), ablations, frontier or adapt (BCR against the allocation
+    oracle). ev: train.py's evaluate_runs; variants: {label: (task, flags)} of the stage's variants."""
+    C, Ns = bcr.budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")]
+    es = entries(cfg, ev, C, Ns)
+    kind, Nmax, wall = cfg.stage if cfg.stage in ("ablations", "frontier", "adapt") else "report", max(Ns), {}
     for run, v in ev.items():
         name = "pretrain" if run == "base" else run.rpartition("-s")[0]
         wall[name] = wall.get(name, 0.0) + v["train_wall_s"]
@@ -293,41 +402,27 @@ def write(cfg, device, ev, variants, predict):
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     rep = {"config": asdict(cfg), "versions": versions,
            "device": f"{gpu}, RL update in {'bf16' if update_bf16(cfg.update_dtype, device) else 'fp32'}",
-           "wall_s": wall, "concise_tokens_per_problem": concise}
+           "wall_s": wall, "concise_tokens_per_problem": concise, "budget": C}
     what = {e["name"]: NAMES.get(e["name"]) or " ".join(map(str, variants[e["name"]])) for e in es}
     head = (f"torch {torch.__version__} on {rep['device']}; wall time (s): "
             + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()) + f"; shared budget C = {C}; the loop-free "
             f"trace of the eval problems: {rep['concise_tokens_per_problem']:.1f} tokens per problem\n")
-    if kind == "report":
-        f = rep["findings"] = findings(es, Ns, cfg.lenpen)
-        md = ["# nanoBCR report\n", head, "## The paper's claims\n",
-              "| claim | the paper | the toy | rule | verdict |", "|---|---|---|---|---|",
-              *(f"| {k} | \"{v['paper']}\" | {v['evidence']} | {v['rule']} | "
-                f"{'reproduced' if v['reproduced'] else '**not reproduced**'} |"
-                for k, v in f.items() if k != "beyond"),
-              "\n## Beyond the paper\n",
-              *(f"- **{k}**: {'yes' if v['reproduced'] else '**no**'}. {v['evidence']} (rule: {v['rule']})."
-                for k, v in f["beyond"].items()),
-              "\n## Mean (min, max) over seeds, sampled under C (every row: report.json)\n",
-              summary(es, Nmax, what),
-              "\n## Config\n\n```\n" + json.dumps(rep["config"]) + "\n```\n"]
-    elif kind == "ablations":
-        aware = budget_aware(es, Nmax)
-        rep["findings"] = {"beyond": {"budget_aware": aware}}
-        md = ["# nanoBCR ablations\n", head, "Sampled under C, mean (min, max) over seeds; b and N vary in "
-              "training only.\n", summary(es, Nmax, what), f"\n**Budget-aware BCR** (beyond the paper): "
-              f"{'yes' if aware['reproduced'] else 'no'}: {aware['evidence']} (rule: {aware['rule']}).\n"]
-    else:
+    f = rep["findings"] = findings(es, Ns, cfg.lenpen) if kind == "report" else {} if kind != "adapt" \
+        else {"beyond": {f"adapts_{n}": adapts(es, n, Ns) for n in variants}}
+    md = [f"# {TITLES[kind]}\n", head, *verdicts_md(f), "\n## Mean (min, max) over seeds, sampled under C\n",
+          summary(es, Nmax, what)]
+    if kind in ("report", "adapt"):
+        md += ["\n## The N-sweep against what each model's N = 1 answers predict\n", sweep_md(es, Ns)]
+    if kind == "frontier":
         rep["predictions"], rep["frontier"] = frontier(es, variants, cfg, Nmax)
-        md = ["# nanoBCR frontier: an explicit length penalty against an implicit budget\n", head,
-              "Sampled under C, mean (min, max) over seeds.\n",
-              frontier_md(rep["predictions"], rep["frontier"], C, Nmax),
-              "\n## Mean (min, max) over seeds\n", summary(es, Nmax, what), ""]
+        md += ["\n## Each setting against its prediction\n", frontier_md(rep["predictions"], rep["frontier"],
+                                                                         C)]
+    md.append("\n## Config\n\n```\n" + json.dumps(rep["config"]) + "\n```\n")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples"} for r in rows]  # noqa: E731
-    rep["runs"] = [dict(e, eval=strip(e["eval"]), eval_room=strip(e["eval_room"])) for e in es]
+    rep["runs"] = [dict(e, eval=strip(e["eval"])) for e in es]
     atomic_write(f"{cfg.out_dir}/{kind}.json", json.dumps(rep, indent=1))
     atomic_write(f"{cfg.out_dir}/{kind}.md", "\n".join(md))
-    draw = {"report": plot_report, "frontier": plot_frontier}.get(kind)
+    draw = {"report": plot_report, "frontier": plot_frontier, "adapt": plot_adapt}.get(kind)
     return (figure(draw, rep, f"{cfg.out_dir}/{kind}.png") + "; " if draw else "") + \
         f"wrote {cfg.out_dir}/{kind}.md and {kind}.json"
 
@@ -345,57 +440,80 @@ def figure(draw, rep, path):  # matplotlib is optional: without it, no figure
     atomic_write(path, buf.getvalue())
     return f"wrote {path}"
 
-def plot_report(plt, rep):
-    """The N-sweep (accuracy, tokens per problem; BCR's truncation model dashed), the RL curves."""
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    for i, name in enumerate(("base", "bcr", "grpo", "lenpen")):
+def plot_sweep(ax, rep, names, lines):
+    """Accuracy (ax[0]) and tokens per problem (ax[1]) against N, mean over seeds, a colour per model;
+    for the models in `lines`, what their N = 1 answers predict (truncation model dotted, oracle dashed)."""
+    for i, name in enumerate(names):
         es = [e for e in rep["runs"] if e["name"] == name]
-        Ns = [r["N"] for r in es[0]["eval"] if r["decoding"] == "sample"]
-        for j, key in enumerate(("acc", "tokens_per_problem")):
-            y = [statistics.mean(pick(e["eval"], N)[key] for e in es) for N in Ns]
-            ax[j].plot(Ns, y, "o-", color=f"C{i}", label=name)
-            if name == "bcr":
-                pred = [statistics.mean(p[key] for e in es for p in e["predicted"] if p["N"] == N)
-                        for N in Ns]
-                ax[j].plot(Ns, pred, "--", color=f"C{i}", label="bcr, truncation model")
-        if name != "base":
-            curve = es[0]["curve"]
-            ax[2].plot([c["step"] for c in curve], [c["acc"] for c in curve], color=f"C{i}", label=name)
-    C = rep["config"]["C"] or 4 * rep["config"]["b"]
-    ax[1].plot(Ns, [C / N for N in Ns], ":", color="gray", label="C / N")
-    for a, t in zip(ax, ("accuracy (sampled) vs N, one shared budget C", "tokens per problem vs N",
-                         "RL training accuracy (rollouts), first seed")):
-        a.set_title(t, fontsize=10)
-        a.legend(fontsize=8)
+        Ns = [r["N"] for r in es[0]["predicted"]]
+        mean = lambda k, rows=None: [statistics.mean((pick(e["eval"], N) if rows is None else next(  # noqa: E731
+            r for r in e[rows] if r["N"] == N))[k] for e in es) for N in Ns]
+        ax[0].plot(Ns, mean("acc"), "o-", color=f"C{i}", label=name)
+        ax[1].plot(Ns, mean("tokens_per_problem"), "o-", color=f"C{i}", label=name)
+        if name in lines:
+            ax[0].plot(Ns, mean("acc", "predicted"), ":", color=f"C{i}", label=f"{name}, truncation model")
+            ax[0].plot(Ns, mean("oracle", "predicted"), "--", color=f"C{i}", label=f"{name}, oracle")
+            ax[1].plot(Ns, mean("tokens_per_problem", "predicted"), ":", color=f"C{i}")
+    ax[1].plot(Ns, [rep["budget"] / N for N in Ns], ":", color="gray", label="C / N")
     ax[1].set_ylim(0, 1.25 * max(max(line.get_ydata()) for line in ax[1].lines[:-1]))  # C / N off the top
+    for a, t in zip(ax, ("accuracy (sampled) vs N under one budget C", "tokens per problem vs N")):
+        a.set_title(t, fontsize=10)
+        a.set_xlabel("N")
+
+def plot_report(plt, rep):
+    """The N-sweep (BCR's truncation model and oracle beside it), the RL training curves."""
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    plot_sweep(ax, rep, ("base", "bcr", "grpo", "lenpen"), ("bcr",))
+    for i, name in enumerate(("bcr", "grpo", "lenpen"), 1):
+        curve = next(e["curve"] for e in rep["runs"] if e["name"] == name)
+        ax[2].plot([c["step"] for c in curve], [c["acc"] for c in curve], color=f"C{i}", label=name)
+    ax[2].set_title("RL training accuracy (rollouts), first seed", fontsize=10)
+    for a in ax:
+        a.legend(fontsize=8)
     return fig
 
-def plot_frontier(plt, rep):
-    """Accuracy against tokens per problem, a point per setting with seed min-max bars, at N = 1 and
-    at the largest N; and the smoothed rollout accuracy of the extreme settings during training."""
+def plot_adapt(plt, rep):
+    """BCR and each adapting run: the N-sweep against its lines, the direct share by column count."""
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = [n for n in dict.fromkeys(e["name"] for e in rep["runs"]) if n != "base"]
+    plot_sweep(ax, rep, names, names)
+    for i, name in enumerate(names):
+        es = [e for e in rep["runs"] if e["name"] == name]
+        Ns = [r["N"] for r in es[0]["predicted"]]
+        for c in pick(es[0]["eval"], 1)["direct_by_columns"]:
+            share = [statistics.mean(pick(e["eval"], N)["direct_by_columns"].get(c, 0) for e in es)
+                     for N in Ns]
+            ax[2].plot(Ns, share, "o-" if c == "1" else "s--", color=f"C{i}", label=f"{name}, {c} column(s)")
+    ax[2].set_title("share of problems answered directly, by column count", fontsize=10)
+    for a in ax:
+        a.legend(fontsize=7)
+    return fig
+
+def points(a, items):
+    """Accuracy against tokens per problem on axis a: a point per (label, colour, accuracies, tokens)
+    with its seeds' min-max bars; a label that would land on an earlier one moves up a line."""
+    placed = []
+    for label, color, acc, tok in items:
+        x, y = statistics.mean(tok), statistics.mean(acc)
+        a.errorbar(x, y, xerr=[[x - min(tok)], [max(tok) - x]], yerr=[[y - min(acc)], [max(acc) - y]],
+                   fmt="o", color=color, capsize=2)
+        lift = sum(abs(x - px) < 2 and abs(y - py) < 0.04 for px, py in placed)
+        a.annotate(label, (x, y), fontsize=7, xytext=(3, 3 + 9 * lift), textcoords="offset points")
+        placed.append((x, y))
+    a.set_xlabel("tokens per problem")
+    a.set_ylabel("accuracy")
+
+def plot_frontier(plt, rep):
+    """Accuracy against tokens per problem, a point per setting, at N = 1 and at the largest N."""
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     base, Nmax = rep["runs"][0]["eval"], max(r["N"] for r in rep["runs"][0]["eval"])
-    for r in rep["frontier"]:
-        color = "C0" if r["task"] == "bcr" else "C3" if r["std_norm"] else "C1"
-        for a, (acc, tok) in zip(ax, ((r["acc"], r["tokens"]), (r["acc_N"], r["tokens_N"]))):
-            x, y = statistics.mean(tok), statistics.mean(acc)
-            a.errorbar(x, y, xerr=[[x - min(tok)], [max(tok) - x]], yerr=[[y - min(acc)], [max(acc) - y]],
-                       fmt="o", color=color, capsize=2)
-            a.annotate(setting(r, short=True), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    for a, row in zip(ax, (pick(base, 1), pick(base, Nmax))):
-        a.plot(row["tokens_per_problem"], row["acc"], "k*", markersize=10, label="base")
-        for color, label in (("C0", "BCR, budget b"), ("C3", "length penalty"), ("C1", "penalty, no std")):
+    colors = {("bcr", True): "C0", ("lenpen", True): "C3", ("lenpen", False): "C1"}
+    for a, N, (acc, tok) in zip(ax, (1, Nmax), (("acc", "tokens"), ("acc_N", "tokens_N"))):
+        points(a, [(setting(r, short=True), colors[r["task"], r["std_norm"]], r[acc], r[tok])
+                   for r in rep["frontier"]])
+        a.plot(pick(base, N)["tokens_per_problem"], pick(base, N)["acc"], "k*", markersize=10, label="base")
+        for color, label in zip(colors.values(), ("BCR, budget b", "length penalty", "penalty, no std")):
             a.plot([], [], "o", color=color, label=label)
-        a.set_xlabel("tokens per problem")
-        a.set_ylabel("accuracy")
-    groups = [sorted((r for r in rep["frontier"] if (r["task"], r["std_norm"]) == g),
-                     key=lambda r: r["lenpen"] or r["b"])
-              for g in (("lenpen", True), ("lenpen", False), ("bcr", True))]
-    for i, r in enumerate(r for g in groups if g for r in (g[0], g[-1])):  # each family's two ends
-        s = smooth(next(e["curve"] for e in rep["runs"] if e["name"] == r["name"]))
-        ax[2].plot(range(len(s)), s, color=f"C{i}", label=setting(r))
-    for a, t in zip(ax, ("N = 1 (sampled, under C)", f"N = {Nmax} under the same C",
-                         "rollout accuracy in training (10-step mean), extreme settings, first seed")):
-        a.set_title(t, fontsize=10)
+        a.set_title(f"N = {N} (sampled, under C)", fontsize=10)
         a.legend(fontsize=7)
     return fig

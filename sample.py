@@ -21,14 +21,18 @@ CLI:  python sample.py --ckpt out/bcr-s1 --problems "47+85, 52-17"
 """
 import argparse
 import os
+import signal
 import sys
 import warnings
 
-import torch
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): out at once, nothing is written yet
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
-import checkpoint
-from data import EOS, NEWLINE, PAD, encode, parse_problems, prompt, segments
-from model import KVCache, autocast, pick_device
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+from data import EOS, NEWLINE, PAD, encode, parse_problems, prompt, segments  # noqa: E402
+from model import KVCache, autocast, pick_device  # noqa: E402
 
 def left_pad(prompts, device):
     """idx (B, Tp) left-padded, pos (B, Tp) per-row positions, valid (B, Tp) key mask."""
@@ -187,8 +191,17 @@ def generate_naive(model, prompts, max_new, temperature=1.0, top_k=0, generator=
     return out, (out != PAD).sum(1)
 
 class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # a bad command line costs one line (main prints it), not a usage dump
+    """argparse whose refusals are one line (main prints it), not a usage dump."""
+
+    def error(self, message):
         raise ValueError(f"{self.prog}: {message}")
+
+    def parse_args(self, argv=None):
+        args = super().parse_args(argv)
+        for k, v in vars(args).items():  # argparse lets `--name=--` through as an empty list
+            if isinstance(v, list):
+                raise ValueError(f"{self.prog}: --{k}: expected one value")
+        return args
 
 def main(argv=None):
     from reward import score  # only the CLI needs it

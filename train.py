@@ -19,22 +19,25 @@ matches; an interrupted one continues with --resume. Several processes: torchrun
 import json
 import math
 import os
-import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from tqdm import tqdm
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): out at once, nothing is written yet
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
-import bcr
-import checkpoint
-import report
-from data import build_tokenizer, heldout_problems, prompt, pretrain_batch, solution
-from model import GPT, GPTConfig, all_mean, autocast, new_optimizer, setup
-from sample import ArgParser
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import bcr  # noqa: E402
+import checkpoint  # noqa: E402
+import report  # noqa: E402
+from data import build_tokenizer, heldout_problems, prompt, pretrain_batch, solution  # noqa: E402
+from model import GPT, GPTConfig, all_mean, autocast, new_optimizer, setup  # noqa: E402
+from sample import ArgParser  # noqa: E402
 
 def arg(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -117,7 +120,7 @@ EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
 # The paper's ablations, budgets at 0.8x / 1.2x b as its 4096 / 6144 tokens against 5120, and one beyond it
 ABLATIONS = {"b29": ("bcr", dict(b=29)), "b43": ("bcr", dict(b=43)), "N2": ("bcr", dict(N=2)),
              "N4": ("bcr", dict(N=4)), "N5": ("bcr", dict(N=5)), "slot": ("bcr", dict(slot_credit=True)),
-             "nostd": ("bcr", dict(std_norm=False)), "mix": ("mix", {})}
+             "nostd": ("bcr", dict(std_norm=False))}
 # The dose-response: the penalty's weight, with and without std normalisation, against BCR's budget
 # (b = 16 and 20 bind below the loop-free trace)
 FRONTIER = {**{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (0.1, 0.25)}, "lenpen": ("lenpen", {}),
@@ -125,6 +128,8 @@ FRONTIER = {**{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (0.1, 0.25)}, "le
             **{f"lp{x:g}-nostd": ("lenpen", dict(lenpen=x, std_norm=False)) for x in (0.25, 1, 4)},
             **{f"b{b}": ("bcr", dict(b=b)) for b in (16, 20, 29)}, "bcr": ("bcr", {}),
             "b43": ("bcr", dict(b=43))}
+
+TRAIN_ONLY = ("pretrain", "bcr", "grpo", "lenpen")  # stages that write no report
 
 def to_bool(s):
     if s.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -140,9 +145,6 @@ def parse_config(argv=None):
         kind = dict(type=to_bool, nargs="?", const=True) if f.type is bool else dict(type=f.type)
         ap.add_argument(f"--{f.name}", choices=f.metadata["choices"], help=f.metadata["help"], **kind)
     args = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    for f in fields(Config):  # argparse lets through e.g. --out_dir=-- as a list
-        if f.name in args and type(args[f.name]) is not f.type:
-            raise ValueError(f"train.py: --{f.name}: expected one {f.type.__name__} value")
     cfg = replace(Config(), **{**PRESETS[args.get("preset", "cpu")], **args})
     validate(cfg)
     return cfg
@@ -182,14 +184,17 @@ def validate(cfg):
         (1 <= min(cfg.N, cfg.max_N, *Ns) and max(cfg.N, cfg.max_N, *Ns) <= 14, "N, max_N, eval N: 1 to 14"),
         (Ns == sorted(set(Ns)) and cfg.eval_problems >= Ns[-1],
          "--eval_Ns must be ascending with no repeats, --eval_problems at least its largest N"),
-        (Ns[0] == 1 or cfg.stage not in ("all", "report"), "--eval_Ns must start at 1 for the report"),
+        (Ns[0] == 1 or cfg.stage in TRAIN_ONLY + ("eval",), "--eval_Ns must start at 1 for a report"),
+        (cfg.eval_problems <= 10 ** 6, "--eval_problems: at most 1000000"),
         (min(cap, C) >= shortest, f"--N*--b={cap} or --C={C} cannot hold an answer ({shortest} tokens)"),
         (longest + max(C, cap) <= cfg.block_size,
          f"the longest prompt ({longest}) + the cap ({max(C, cap)}) exceed --block_size={cfg.block_size}")]
     for ok, why in table:
         if not ok:
             raise ValueError(why)
-    GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})  # the model's own checks (sizes, head size, memory)
+    # the model's own checks (sizes, head size), then memory for the largest decode batch
+    shape = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+    checkpoint.check_memory(shape, cfg.eval_batch, training=True)
 
 # ----------------------------------------------------------------------------- training runs
 
@@ -214,12 +219,6 @@ class Run:
         start = checkpoint.restore(folder, model, opt, meta["step"]) if meta else 0
         self.wall, self.t0 = meta["wall_s"] if meta else 0.0, time.perf_counter()
         self.log = checkpoint.Log(folder + ".jsonl", start, rank)
-        real = os.path.realpath(folder)  # where checkpoint.save swaps: what would fail its first save goes
-        for stale in (real + ".tmp", real + ".old") if rank == 0 else ():  # (a kill's leftovers)
-            shutil.rmtree(stale, ignore_errors=True)
-            if os.path.lexists(stale):
-                raise ValueError(f"{stale} is in the way of saving {folder} and cannot be removed: remove it")
-        self.log.rewrite()
         if world > 1:  # every process starts from rank 0's weights
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
@@ -279,10 +278,9 @@ def pretrain_step(model, opt, cfg, tok, step, rank, world, device):
     return {"finite": ok, "loss": loss_sum * world, "grad_norm": grad_norm, "lr": lr,
             "tokens_per_s": n_tok / dt, "t_data": t_data, "t_step": dt, "micro_batches": len(micro)}
 
-def pretrain(cfg, tok, rank, world, device):
-    """The verbose base: finished -> reused; interrupted -> resumed with --resume, else refused."""
+def pretrain(cfg, meta, tok, rank, world, device):
+    """The verbose base: finished -> reused; interrupted (meta: its checkpoint) -> resumed."""
     folder = f"{cfg.out_dir}/base"
-    meta = checkpoint.checked(folder, cfg, BASE_KEYS, cfg.pt_steps)
     if meta and meta["done"]:
         return
     torch.manual_seed(cfg.base_seed)
@@ -292,24 +290,25 @@ def pretrain(cfg, tok, rank, world, device):
     for step in run.steps:
         run.end_step(step, pretrain_step(model, opt, cfg, tok, step, rank, world, device))
 
-def rl(cfg, task, name, seed, tok, rank, world, device):
-    """One RL run on the base: task is bcr.task's (bcr, mix, grpo, lenpen); cfg may hold a variant's flags."""
+def rl(cfg, meta, task, name, seed, tok, rank, world, device):
+    """One RL run on the base: task is bcr.task's (bcr, adapt, grpo, lenpen); cfg may hold a variant's
+    flags; meta is its checkpoint's, if it has one (finished: reused; interrupted: resumed)."""
     folder = f"{cfg.out_dir}/{name}"
-    meta = checkpoint.checked(folder, cfg, RL_KEYS, cfg.rl_steps)
     if meta and meta["done"]:
         return
     model = checkpoint.load(f"{cfg.out_dir}/base", device)[0]
     ref = checkpoint.load(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
     opt = new_optimizer(model, cfg.rl_lr)
-    _, cap, lenpen = bcr.task(task, cfg)
-    step_cfg = replace(cfg, lenpen=lenpen, decode=decode_mode(cfg, device))
+    spec = bcr.task(task, cfg)
+    step_cfg = replace(cfg, lenpen=spec.lenpen, decode=decode_mode(cfg, device))
     run = Run(cfg, folder, meta, model, opt, cfg.rl_steps, rank, world)
     for step in run.steps:
         set_lr(opt, step, cfg.rl_steps, cfg.rl_lr, min(cfg.warmup, 10), cosine=False)
         groups = bcr.rl_batch(task, cfg, seed, step)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 101 + rank)
         # the step's groups are split over processes: a group never straddles two of them
-        run.end_step(step, bcr.rl_step(model, opt, tok, groups[rank::world], cap, gen, step_cfg, ref, world))
+        row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world)
+        run.end_step(step, row)
 
 def decode_mode(cfg, device):
     if cfg.decode == "graph" and device.type != "cuda":
@@ -336,46 +335,47 @@ def runs(cfg):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def check(cfg, run, run_cfg, evaluating):
+    """A run's checkpoint against the flags that made it (checkpoint.checked): None if it has none.
+    Evaluation never trains, so it wants the run finished, and its own flags may differ."""
+    keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if not (evaluating and k in EVAL_KEYS)]
+    total = run_cfg.pt_steps if run == "base" else run_cfg.rl_steps
+    return checkpoint.checked(f"{cfg.out_dir}/{run}", run_cfg, keys, total, need_done=evaluating)
+
 def evaluate_runs(cfg, todo, rank, world, device, greedy):
-    """The N-sweep of each run under the shared budget C, sampled (and greedy at N = 1); the base
-    also gets a sampled sweep with room to finish. A run is first checked as reuse would check it
-    (the same training config but the eval flags, finished); its rows are cached in <run>/eval.json,
+    """The N-sweep of each run under the shared budget C, sampled (and greedy at N = 1). A run is
+    first checked as reuse would check it (the same training config but the eval flags, finished);
+    its rows are cached in <run>/eval.json,
     keyed by the eval config. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s", "curve"}}."""
     evals, C, Ns, problems = {}, bcr.budget(cfg), eval_Ns(cfg), heldout_problems(cfg)
-    room = cfg.block_size - len(prompt([(10 ** cfg.max_digits - 1, "+", 1)] * max(Ns)))  # the base's sweep
     for run, (_, run_cfg, _) in todo.items():
-        keys = [k for k in (BASE_KEYS if run == "base" else RL_KEYS) if k not in EVAL_KEYS]
-        total = run_cfg.pt_steps if run == "base" else run_cfg.rl_steps
-        meta = checkpoint.checked(f"{cfg.out_dir}/{run}", run_cfg, keys, total, need_done=True)
+        meta = check(cfg, run, run_cfg, evaluating=True)
         if meta is None:
             raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
         path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
-        key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 2}  # 2: N = 1 rows hold samples, p_first
-        checkpoint.plain_file(path)  # a link would be replaced, a FIFO hang the read: refused before any work
-        try:
-            with open(path) as f:
-                ev = json.load(f)
-        except (OSError, ValueError, RecursionError):  # none yet, or a corrupt cache: recomputed
-            ev = None
+        key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 3}  # 3: direct answers by column count
+        ev = checkpoint.cached(path)
         if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
             t0 = time.perf_counter()
             model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
             plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: at N = 1 only
-            plan += [(N, room, cfg.temperature) for N in Ns if N <= 4] if run == "base" else []
             rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
                                  decode_mode(cfg, device), rank, world)
                     for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
+            if Ns[0] == 1:  # for the frontier's predictions
+                rows[0]["p_first"] = report.first_token(model, tok, problems)
             ev = {"key": key, "greedy": g, "rows": rows, "wall_s": time.perf_counter() - t0}
             if rank == 0:
                 checkpoint.atomic_write(path, json.dumps(ev))
         log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
-        curve = [json.loads(x) for x in open(checkpoint.plain_file(log))] \
-            if run != "base" and os.path.exists(log) else []
+        lines = checkpoint.read(log, 2 ** 40).splitlines() if run != "base" and os.path.exists(log) else []
+        curve = [json.loads(x) for x in lines]
         evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": curve}
     return evals
 
 def main(argv=None):
     held, cfg = None, None
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here: says where checkpoints are
     try:
         # 1) the config, the processes and the runs; refusals before anything is touched
         cfg = parse_config(argv)
@@ -388,25 +388,30 @@ def main(argv=None):
         if needed:  # (a mistyped --out_dir is not created)
             raise ValueError(f"no {', '.join(needed)} in {cfg.out_dir}: run the stages that make them first")
         os.makedirs(cfg.out_dir, exist_ok=True)
-        try:
-            # the other ranks share rank 0's lock
-            held, refused = checkpoint.lock(cfg.out_dir) if rank == 0 else None, None
+        refused = None
+        try:  # rank 0 alone takes the lock and repairs what a kill left; the other ranks wait for it
+            held = checkpoint.lock(cfg.out_dir) if rank == 0 else None
+            for run in todo if rank == 0 else ():
+                checkpoint.recover(f"{cfg.out_dir}/{run}")
         except ValueError as e:
             refused = e
         if all_mean({"ok": float(refused is None)}, world)["ok"] < 1:  # all leave, none waits at a collective
             raise refused or ValueError("rank 0 refused to start (its error says why)")
-        # 2) the base, then the RL runs: each reused, resumed or trained (eval and report only read)
-        if stage not in ("eval", "report"):
-            pretrain(cfg, tok, rank, world, device)
+        # 2) every run's checkpoint checked before the first is trained (eval: only those there)
+        evaluating = stage in ("eval", "report")
+        metas = {run: check(cfg, run, run_cfg, evaluating) for run, (_, run_cfg, _) in todo.items()}
+        # 3) the base, then the RL runs: each reused, resumed or trained (eval and report only read)
+        if not evaluating:
+            pretrain(cfg, metas["base"], tok, rank, world, device)
             for run, (task, run_cfg, seed) in list(todo.items())[1:]:
-                rl(run_cfg, task, run, seed, tok, rank, world, device)
-        # 3) evaluation (eval: the runs that are there; ablations, frontier: sampled only), the report
+                rl(run_cfg, metas[run], task, run, seed, tok, rank, world, device)
+        # 4) evaluation (eval: the runs that are there; ablations, frontier: sampled only), the report
         if stage in ("all", "eval", "report", "ablations", "frontier"):
             evals = evaluate_runs(cfg, {r: v for r, v in todo.items() if r not in missing or stage != "eval"},
                                   rank, world, device, greedy=stage in ("all", "eval", "report"))
             if stage != "eval" and rank == 0:
                 variants = FRONTIER if stage == "frontier" else ABLATIONS
-                print(report.write(cfg, device, evals, variants, bcr.predict))
+                print(report.write(cfg, device, evals, variants))
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
     except (ValueError, OSError, MemoryError, RuntimeError) as e:  # bad input, a file it cannot write or read

@@ -154,10 +154,10 @@ def test_rollout_packs_groups_and_respects_the_cap():
 
 
 def test_truncation_model_matches_a_simulation():
-    """bcr.predict is exact for a model that solves each packed problem as it solves one alone:
+    """report.truncation_model is exact for a model that solves each packed problem as it solves one alone:
     a hand case, then a Monte-Carlo replay of random (tokens, score) samples."""
     import random
-    from bcr import predict
+    from report import truncation_model as predict
     pred = {r["N"]: r for r in predict([[21, 1.0]] * 4, 100, [1, 5, 6, 8])}  # 20 tokens a problem, C = 100
     assert pred[5]["acc"] == 1.0 and pred[6]["acc"] == 5 / 6 and pred[8]["tokens_per_problem"] == 100 / 8
     rng = random.Random(0)
@@ -178,11 +178,16 @@ def test_each_run_trains_on_its_own_batch():
     """BCR packs N problems under N*b; budget-aware BCR draws N per prompt under C; the controls one."""
     from bcr import budget, rl_batch, task
     c = SimpleNamespace(N=3, b=36, C=0, max_N=8, lenpen=1.0, prompts=64, max_digits=2, ops="+-")
-    assert task("bcr", c)[1:] == (108, 0.0) and task("lenpen", c)[1:] == (budget(c), 1.0) == (144, 1.0)
+    assert (task("bcr", c).cap, task("bcr", c).lenpen) == (108, 0.0)
+    assert (task("lenpen", c).cap, task("lenpen", c).lenpen) == (budget(c), 1.0) == (144, 1.0)
     assert {len(g) for g in rl_batch("bcr", c, 1, 0)} == {3} and {len(g) for g in rl_batch("grpo", c, 1, 0)} == {1}
-    mixed = rl_batch("mix", c, 1, 0)
+    mixed = rl_batch("adapt", c, 1, 0)
     assert len({len(g) for g in mixed}) >= 6 and max(map(len, mixed)) <= 8
-    assert rl_batch("mix", c, 1, 5) == rl_batch("mix", c, 1, 5) != rl_batch("mix", c, 2, 5)  # pure in (seed, step)
+    assert rl_batch("adapt", c, 1, 5) == rl_batch("adapt", c, 1, 5) != rl_batch("adapt", c, 2, 5)  # pure in (seed, step)
+    # BCR's prompts are of one difficulty; budget-aware BCR mixes them, as the sweep does
+    from data import columns
+    assert all(len({columns(p) for p in g}) == 1 for g in rl_batch("bcr", c, 1, 0))
+    assert any(len({columns(p) for p in g}) > 1 for g in mixed)
 
 
 def test_the_default_sweep_covers_slack_binding_and_starved_budgets():
