@@ -52,6 +52,7 @@ class Task(NamedTuple):
     cap: int          # the hard cap on new tokens for the whole packed completion
     lenpen: float     # the weight of an explicit length penalty (0: none)
     stratified: bool  # the problems of a prompt share one column count
+    told: bool        # the prompt states each problem's share of the cap (cap // N)
 
 def budget(cfg):
     """The N-sweep's one completion budget C, the same for every N."""
@@ -60,15 +61,18 @@ def budget(cfg):
 def task(name, cfg):
     """This is where BCR differs from its controls."""
     C = budget(cfg)
+    any_N = range(1, cfg.max_N + 1)
     return {
         # BCR: N problems under one cap of N*b tokens
-        "bcr": Task([cfg.N], cfg.N * cfg.b, 0.0, True),
-        # budget-aware BCR: any N under the sweep's C
-        "adapt": Task(range(1, cfg.max_N + 1), C, 0.0, False),
+        "bcr": Task([cfg.N], cfg.N * cfg.b, 0.0, True, False),
+        # budget-aware BCR: any N under the sweep's C, never told C
+        "adapt": Task(any_N, C, 0.0, False, False),
+        # the same, told in the prompt how many tokens each problem has (as L1 is told its length)
+        "told": Task(any_N, C, 0.0, False, True),
         # vanilla GRPO: one problem, room to spare
-        "grpo": Task([1], C, 0.0, True),
+        "grpo": Task([1], C, 0.0, True, False),
         # the explicit length penalty
-        "lenpen": Task([1], C, cfg.lenpen, True),
+        "lenpen": Task([1], C, cfg.lenpen, True, False),
     }[name]
 
 def rl_batch(name, cfg, seed, step):
@@ -84,11 +88,15 @@ def rl_batch(name, cfg, seed, step):
 # ----------------------------------------------------------------------------- sample, score, advantages
 
 def rollout(model, tok, groups, G, cap, temperature, generator,
-            mode="eager"):
+            mode="eager", told=False):
     """Sample G completions of each packed prompt (a list of problems) under a hard cap, and score
-    them. Returns the prompt ids (P*G lists), the completion tokens (P*G, cap), their lengths
-    (P*G,) and one reward.Reward per completion."""
-    ids = encode(tok, [prompt(g) for g in groups])
+    them (told: the prompt states cap // N). Returns the prompt ids (P*G lists), the completion
+    tokens (P*G, cap), their lengths (P*G,) and one reward.Reward per completion."""
+    texts = []
+    for g in groups:
+        room = cap // len(g) if told else None
+        texts.append(prompt(g, room))
+    ids = encode(tok, texts)
     # the G samples of a prompt are consecutive rows
     ids = [p for p in ids for _ in range(G)]
     tokens, lengths = generate(model, ids, cap, temperature,
@@ -260,7 +268,7 @@ def finish_grads(model, clip, world, loss):
     return norm, math.isfinite(norm) and math.isfinite(loss)
 
 def rl_step(model, opt, tok, groups, cap, generator, cfg,
-            ref=None, world=1):
+            ref=None, world=1, told=False):
     """One on-policy step: rollout, score, one optimizer update. Returns a metrics dict. With several
     processes each brings its own groups; the loss normaliser and the gradients are summed across
     processes, so the update equals the one-process update on all groups."""
@@ -268,7 +276,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg,
     t0 = time.perf_counter()
     model.eval()
     ids, tokens, lengths, rewards = rollout(
-        model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode)
+        model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode, told)
     adv, r = token_advantages(rewards, lengths, cfg.G, cap, cfg)
     # 2) the update; the normaliser counts every process's tokens (or sequences)
     t1 = time.perf_counter()
@@ -312,7 +320,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg,
 
 @torch.no_grad()
 def evaluate(model, tok, problems, N, cap, temperature, seed,
-             batch=256, mode="eager", rank=0, world=1):
+             batch=256, mode="eager", rank=0, world=1, told=False):
     """Solve `problems` N at a time (ceil(len/N) prompts, reusing the first ones to fill the last)
     under one completion budget `cap`; with several processes each takes every world-th prompt and
     the results are gathered. Returns one report row (train.py's report.json keeps them)."""
@@ -329,7 +337,7 @@ def evaluate(model, tok, problems, N, cap, temperature, seed,
     for i in range(0, len(groups), batch):
         part = groups[i:i + batch]
         _, _, lengths, rewards = rollout(model, tok, part, 1, cap,
-                                         temperature, gen, mode)
+                                         temperature, gen, mode, told)
         results += zip(rewards, lengths.tolist(), part)
     if world > 1:
         gathered = [None] * world

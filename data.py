@@ -118,8 +118,11 @@ def solution(p, k, rng=None, style=None, loops=True):
     carry = "1" if p[1] == "+" and answer(p) >= 10 ** columns(p) else ""
     return f"Q{k}:{line(p)} " + "".join(x + " " for x in out) + f"A{k}:{carry}{digits}\n"
 
-def prompt(problems):
-    return "".join(f"Q{k}:{line(p)}\n" for k, p in enumerate(problems, 1))
+def prompt(problems, room=None):
+    """One line per problem; with room, a last line "=<room>" states each problem's share of the
+    budget (budget-aware BCR's told arm)."""
+    text = "".join(f"Q{k}:{line(p)}\n" for k, p in enumerate(problems, 1))
+    return text if room is None else text + f"={room}\n"
 
 def parse_problems(text):
     """'47+85, 602-58' -> [(47, '+', 85), (602, '-', 58)] for the sample.py CLI."""

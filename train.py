@@ -164,7 +164,7 @@ def validate(cfg):
     Ns, digits = eval_Ns(cfg) if ok_Ns else [1], min(max(cfg.max_digits, 1), 18)
     worst, C, cap = (10 ** digits - 1, "+", 10 ** digits - 1), bcr.budget(cfg), cfg.N * cfg.b
     shortest = len(solution(worst, 1)) + 1
-    longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14)))
+    longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14), max(C, cap)))
     table = [
         (ok_Ns, "--eval_Ns: integers, comma-separated"),
         *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
@@ -307,7 +307,8 @@ def rl(cfg, meta, task, name, seed, tok, rank, world, device):
         groups = bcr.rl_batch(task, cfg, seed, step)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 101 + rank)
         # the step's groups are split over processes: a group never straddles two of them
-        row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world)
+        row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world,
+                          spec.told)
         run.end_step(step, row)
 
 def decode_mode(cfg, device):
@@ -345,10 +346,10 @@ def check(cfg, run, run_cfg, evaluating):
 def evaluate_runs(cfg, todo, rank, world, device, greedy):
     """The N-sweep of each run under the shared budget C, sampled (and greedy at N = 1). A run is
     first checked as reuse would check it (the same training config but the eval flags, finished);
-    its rows are cached in <run>/eval.json,
-    keyed by the eval config. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s", "curve"}}."""
+    its rows are cached in <run>/eval.json, keyed by the eval config. A run that was told its budget
+    is told it here too. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s", "curve"}}."""
     evals, C, Ns, problems = {}, bcr.budget(cfg), eval_Ns(cfg), heldout_problems(cfg)
-    for run, (_, run_cfg, _) in todo.items():
+    for run, (task, run_cfg, _) in todo.items():
         meta = check(cfg, run, run_cfg, evaluating=True)
         if meta is None:
             raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
@@ -360,7 +361,7 @@ def evaluate_runs(cfg, todo, rank, world, device, greedy):
             model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
             plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: at N = 1 only
             rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
-                                 decode_mode(cfg, device), rank, world)
+                                 decode_mode(cfg, device), rank, world, task == "told")
                     for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
             if Ns[0] == 1:  # for the frontier's predictions
                 rows[0]["p_first"] = report.first_token(model, tok, problems)
