@@ -1,36 +1,25 @@
 """
-Batched Contextual Reinforcement (BCR, arXiv 2604.02322), in miniature.
-
-One BCR step:
+Batched Contextual Reinforcement (BCR, arXiv 2604.02322), in miniature. One BCR step:
 1. Pack N problems of one difficulty (digit columns) into a prompt; take `prompts` such prompts.
-2. Sample G completions of each, under one hard cap of N*b new tokens for the whole packed answer.
-   The cap is the only pressure towards brevity: verbosity on early problems leaves no room for
-   later ones.
-3. Reward = the share of the N problems answered right, plus format_bonus if the completion is
-   exactly N labelled answers, then <eos> (the paper has a format term too; without it, tokens after
-   the last answer would cost nothing). A problem the cap cut off scores 0; the ones answered
+2. Sample G completions of each under one hard cap of N*b new tokens for the whole packed answer:
+   the only pressure towards brevity (verbosity on early problems leaves no room for later ones).
+3. Reward: the share of the N problems right, + format_bonus for exactly N labelled answers then
+   <eos> (the paper has a format term too). A problem the cap cut off scores 0; those answered
    before keep their credit. No length term.
 4. GRPO: advantages normalised within each group of G samples of one prompt, then one on-policy
    step on -A * log p(token), averaged over the batch's completion tokens.
-
 Where this departs from the paper (whose code and hyper-parameters are not public):
-- it is "GRPO" as nanochat's chat_rl.py is: strictly on-policy, one update per batch, so the PPO
-  ratio is always 1 and nothing is clipped; no KL term unless kl > 0 (the k3 estimate against the
-  frozen base); a token-level mean (DAPO's) unless token_mean=False;
-- "similar difficulty" groups are prompts whose problems have the same number of digit columns;
-- where the update runs in bf16 and sampling in fp32 (a CPU with native bf16: model.update_bf16),
-  the gradient's log-probs differ from the sampler's by bf16 rounding: slightly off-policy, which a
-  PPO ratio would correct and this does not;
-- switches worth ablating: std_norm=False (a group-mean baseline, Dr. GRPO's), token_mean=False (a
-  mean per sequence, then over sequences), slot_credit=True (problem k's advantage on the tokens
-  that answer problem k), and lenpen, the explicit penalty r = acc - lenpen*|y|/cap;
-- beyond the paper, task "adapt" (budget-aware BCR): N drawn per prompt from 1..max_N under one cap
-  C, problems of mixed difficulty, to see whether a model learns to spend what C/N allows.
-
-Read in order: task and rl_batch (what is trained on), rollout (sample and score), advantages,
-pg_loss (the loss in its textbook form), pg_loss_fast (the same loss and gradient with less work,
-tested against it), rl_step; then evaluate, the N-sweep: N problems per prompt under one budget C,
-the same for every N. report.py turns its rows into the verdicts.
+- "GRPO" as nanochat's chat_rl.py: on-policy, one update per batch, so no ratio and no clipping;
+  no KL unless kl > 0 (k3 against the frozen base); a token-level mean unless token_mean=False;
+- "similar difficulty" groups: prompts whose problems have the same number of digit columns;
+- a bf16 update beside fp32 sampling (model.update_bf16) is slightly off-policy, uncorrected;
+- switches worth ablating: std_norm, token_mean, slot_credit (problem k's advantage on its own
+  tokens) and lenpen, the explicit penalty r = acc - lenpen*|y|/cap;
+- beyond the paper, task "adapt": N drawn per prompt from 1..max_N under one cap C, problems of
+  mixed difficulty, to see whether a model learns to spend what C/N allows.
+Read in order: task and rl_batch, rollout (sample and score), advantages, pg_loss (the loss in its
+textbook form), pg_loss_fast (the same loss and gradient with less work, tested equal), rl_step;
+then evaluate, the N-sweep under one budget C for every N, whose rows report.py judges.
 """
 import math
 import time
@@ -52,7 +41,6 @@ class Task(NamedTuple):
     cap: int          # the hard cap on new tokens for the whole packed completion
     lenpen: float     # the weight of an explicit length penalty (0: none)
     stratified: bool  # the problems of a prompt share one column count
-    told: bool        # the prompt states each problem's share of the cap (cap // N)
 
 def budget(cfg):
     """The N-sweep's one completion budget C, the same for every N."""
@@ -64,15 +52,15 @@ def task(name, cfg):
     any_N = range(1, cfg.max_N + 1)
     return {
         # BCR: N problems under one cap of N*b tokens
-        "bcr": Task([cfg.N], cfg.N * cfg.b, 0.0, True, False),
-        # budget-aware BCR: any N under the sweep's C, never told C
-        "adapt": Task(any_N, C, 0.0, False, False),
-        # the same, told in the prompt how many tokens each problem has (as L1 is told its length)
-        "told": Task(any_N, C, 0.0, False, True),
+        "bcr": Task([cfg.N], cfg.N * cfg.b, 0.0, True),
+        # budget-aware BCR: any N under the sweep's C, problems of mixed difficulty, never told C
+        "adapt": Task(any_N, C, 0.0, False),
         # vanilla GRPO: one problem, room to spare
-        "grpo": Task([1], C, 0.0, True, False),
+        "grpo": Task([1], C, 0.0, True),
+        # one problem under BCR's room per problem, b (ThinkPrune's hard cap)
+        "cap": Task([1], cfg.b, 0.0, True),
         # the explicit length penalty
-        "lenpen": Task([1], C, cfg.lenpen, True, False),
+        "lenpen": Task([1], C, cfg.lenpen, True),
     }[name]
 
 def rl_batch(name, cfg, seed, step):
@@ -87,20 +75,15 @@ def rl_batch(name, cfg, seed, step):
 
 # ----------------------------------------------------------------------------- sample, score, advantages
 
-def rollout(model, tok, groups, G, cap, temperature, generator,
-            mode="eager", told=False):
+def rollout(model, tok, groups, G, cap, temperature, generator):
     """Sample G completions of each packed prompt (a list of problems) under a hard cap, and score
-    them (told: the prompt states cap // N). Returns the prompt ids (P*G lists), the completion
-    tokens (P*G, cap), their lengths (P*G,) and one reward.Reward per completion."""
-    texts = []
-    for g in groups:
-        room = cap // len(g) if told else None
-        texts.append(prompt(g, room))
-    ids = encode(tok, texts)
+    them. Returns the prompt ids (P*G lists), the completion tokens (P*G, cap), their lengths
+    (P*G,) and one reward.Reward per completion."""
+    ids = encode(tok, [prompt(g) for g in groups])
     # the G samples of a prompt are consecutive rows
     ids = [p for p in ids for _ in range(G)]
     tokens, lengths = generate(model, ids, cap, temperature,
-                               0, generator, mode)
+                               0, generator)
     texts = tok.decode_batch(tokens.tolist())  # drops <pad> and <eos>
     # a completion the cap cut has no <eos>
     cut = (tokens == EOS).sum(1) == 0  # (P*G,)
@@ -119,6 +102,10 @@ def advantages(r, std_norm=True, eps=1e-4):
         a = a / (r.std(1, keepdim=True) + eps)
     return a
 
+# The arena's methods (arena.py) turn a step's rewards into advantages their own way:
+# name -> f(r (B,), rewards, lengths (B,), cap, G) -> (advantages (B,), rewards (B,))
+METHODS = {}
+
 def token_advantages(rewards, lengths, G, cap, cfg):
     """Per-token advantages (B, cap) of the completion tokens, and the scalar rewards (B,).
     Shared credit: one reward per completion (accuracy over its N problems, the format term, minus
@@ -130,6 +117,9 @@ def token_advantages(rewards, lengths, G, cap, cfg):
     bonus -= cfg.lenpen * lengths.float().cpu() / cap                               # (B,)
     acc = torch.tensor([x.acc for x in rewards])                                     # (B,)
     r = acc + bonus                                                                  # (B,)
+    if cfg.method:
+        adv, r = METHODS[cfg.method](r, rewards, lengths, cap, G)                    # (B,) each
+        return adv.view(B, 1).expand(B, cap), r
     if not cfg.slot_credit:
         adv = advantages(r.view(-1, G), cfg.std_norm)                              # (P, G)
         return adv.view(B, 1).expand(B, cap), r
@@ -214,14 +204,11 @@ def pg_loss(model, ids, tokens, lengths, adv, norm, cfg,
 def pg_loss_fast(model, ids, tokens, lengths, adv, norm, cfg,
                  ref=None, max_pad=1.25):
     """pg_loss's loss and gradient (to float rounding) with less work; returns the loss and the
-    entropy (and KL) means. Three savings:
-    - a row whose advantages are all zero (its group scored alike) adds nothing to the gradient, so
-      it is left out of the forward (the KL term needs every row; one row is kept so that backward()
-      always has a graph): less work once rewards saturate;
-    - rows sorted by length and cut into chunks padded by at most max_pad x their shortest row: one
-      batch would pad every row to the longest, which one runaway completion makes several times the mean;
-    - under a bf16 update on CPU, chunks padded to rows x4 and length x16: oneDNN builds a kernel for
-      every new matmul shape, which costs more than padding to a few shapes."""
+    entropy (and KL) means. Rows whose advantages are all zero (their group scored alike) add nothing
+    and are left out (but with KL; one is kept so backward() has a graph). Rows are sorted by length
+    and cut into chunks padded by at most max_pad x their shortest: one batch would pad every row to
+    the longest, which one runaway makes several times the mean. Under a bf16 update on CPU, chunks
+    pad to rows x4 and length x16: oneDNN builds a kernel per new matmul shape, which costs more."""
     n = lengths.tolist()
     # each row's prompt + completion
     size = [len(p) + k for p, k in zip(ids, n)]
@@ -268,7 +255,7 @@ def finish_grads(model, clip, world, loss):
     return norm, math.isfinite(norm) and math.isfinite(loss)
 
 def rl_step(model, opt, tok, groups, cap, generator, cfg,
-            ref=None, world=1, told=False):
+            ref=None, world=1):
     """One on-policy step: rollout, score, one optimizer update. Returns a metrics dict. With several
     processes each brings its own groups; the loss normaliser and the gradients are summed across
     processes, so the update equals the one-process update on all groups."""
@@ -276,7 +263,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg,
     t0 = time.perf_counter()
     model.eval()
     ids, tokens, lengths, rewards = rollout(
-        model, tok, groups, cfg.G, cap, cfg.temperature, generator, cfg.decode, told)
+        model, tok, groups, cfg.G, cap, cfg.temperature, generator)
     adv, r = token_advantages(rewards, lengths, cfg.G, cap, cfg)
     # 2) the update; the normaliser counts every process's tokens (or sequences)
     t1 = time.perf_counter()
@@ -320,7 +307,7 @@ def rl_step(model, opt, tok, groups, cap, generator, cfg,
 
 @torch.no_grad()
 def evaluate(model, tok, problems, N, cap, temperature, seed,
-             batch=256, mode="eager", rank=0, world=1, told=False):
+             batch=256, rank=0, world=1):
     """Solve `problems` N at a time (ceil(len/N) prompts, reusing the first ones to fill the last)
     under one completion budget `cap`; with several processes each takes every world-th prompt and
     the results are gathered. Returns one report row (train.py's report.json keeps them)."""
@@ -337,7 +324,7 @@ def evaluate(model, tok, problems, N, cap, temperature, seed,
     for i in range(0, len(groups), batch):
         part = groups[i:i + batch]
         _, _, lengths, rewards = rollout(model, tok, part, 1, cap,
-                                         temperature, gen, mode, told)
+                                         temperature, gen)
         results += zip(rewards, lengths.tolist(), part)
     if world > 1:
         gathered = [None] * world

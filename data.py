@@ -14,14 +14,12 @@ real trade-off to learn: the loops are pure waste, but the steps are not.
                 Q3:09+03                       Q3:09+03 9+3=12 0+0+1=1 A3:12
                                                <eos>
 
-Each solution first restates its problem: copying line k of the prompt is an easy, local habit
-for a tiny model, and the column steps then read their digits from the restatement nearby
-instead of searching the whole prompt. The two operands of a problem are written with the same
-number of digits, the columns aligned as on paper; the answer is the carry and the column digits
-as the steps wrote them (so "04" for 52-48; answers compare as integers). Subtraction keeps
-results non-negative (a >= b); a borrowed column is written with its 1: "12-7=5", and the next
-column pays it back: "5-1-1=3". The tokenizer is character level, so a character offset in a
-string is also a token offset (reward.py relies on this for per-slot credit).
+Each solution first restates its problem (copying line k of the prompt is an easy, local habit for
+a tiny model; the steps then read their digits nearby). Operands share one digit count, columns
+aligned as on paper; the answer is the carry and the column digits as the steps wrote them ("04"
+for 52-48; answers compare as integers). Subtraction keeps results non-negative; a borrow is written
+"12-7=5" and paid back in the next column, "5-1-1=3". The tokenizer is character level, so a
+character offset is a token offset (reward.py relies on it for per-slot credit).
 """
 import random
 import zlib
@@ -91,15 +89,12 @@ def steps(p):
     return out
 
 def solution(p, k, rng=None, style=None, loops=True):
-    """Problem k's part of the completion: restatement, steps, answer. Without rng: the concise
-    trace. With rng and a style (the base's knobs, train.Config), three habits of the base:
-    - direct, with probability style.p_direct: no steps at all, "Q1:47+85 A1:132". The short, risky
-      strategy: a tiny model computes a one-column answer reliably in one go, a carried
-      multi-column one much less so;
-    - re-check loops (if loops): after each step, with probability p_loop, "chk <step>" repeated
-      while a p_again coin comes up, at most max_loops times;
-    - a runaway, with probability p_runaway (if loops): one step's re-checks go on while a 0.9 coin
-      comes up, up to 10 x max_loops: the toy's degenerate trace, long enough to hit a budget alone."""
+    """Problem k's part of the completion: restatement, steps, answer; without rng the concise trace.
+    With rng and a style (the base's knobs, train.Config), three habits of the base: direct answers
+    (p_direct: no steps, "Q1:47+85 A1:132", short and risky on carried columns); re-check loops (if
+    loops: after a step, p_loop, "chk <step>" repeated while a p_again coin comes up, at most
+    max_loops times); a runaway (p_runaway: one step re-checked while a 0.9 coin comes up, up to 10 x
+    max_loops: the toy's degenerate trace, long enough to hit a budget alone)."""
     out, direct = [], rng is not None and rng.random() < style.p_direct
     runaway = rng is not None and loops and not direct and rng.random() < style.p_runaway
     for i, s in enumerate([] if direct else steps(p)):
@@ -118,11 +113,8 @@ def solution(p, k, rng=None, style=None, loops=True):
     carry = "1" if p[1] == "+" and answer(p) >= 10 ** columns(p) else ""
     return f"Q{k}:{line(p)} " + "".join(x + " " for x in out) + f"A{k}:{carry}{digits}\n"
 
-def prompt(problems, room=None):
-    """One line per problem; with room, a last line "=<room>" states each problem's share of the
-    budget (budget-aware BCR's told arm)."""
-    text = "".join(f"Q{k}:{line(p)}\n" for k, p in enumerate(problems, 1))
-    return text if room is None else text + f"={room}\n"
+def prompt(problems):
+    return "".join(f"Q{k}:{line(p)}\n" for k, p in enumerate(problems, 1))
 
 def parse_problems(text):
     """'47+85, 602-58' -> [(47, '+', 85), (602, '-', 58)] for the sample.py CLI."""
@@ -170,8 +162,7 @@ def segments(idx, n_prompt):
 # ----------------------------------------------------------------------------- batches
 
 def doc_rng(seed, step, i=0):
-    """The generator for item i of a step: every batch is a pure function of (seed, step), so a
-    resumed or multi-process run sees exactly the data a single uninterrupted run saw."""
+    """Item i's generator: batches are pure functions of (seed, step), so resumes repeat them."""
     return random.Random(f"{seed}/{step}/{i}")
 
 def pretrain_doc(rng, cfg, max_N, verbose):

@@ -3,14 +3,12 @@ A small GPT, written out by hand: pre-norm blocks, RoPE attention, tied embeddin
 forward(idx) on right-padded rows (a pad *after* the real tokens is never seen by them: plain causal
 attention); decoding runs forward(idx, pos, mask, cache, t0) with per-row positions and a key mask,
 writing into a preallocated KVCache (sample.py drives it, a naive loop beside it to test against).
-
 Learned absolute position embeddings failed to learn this task in a short run where RoPE learned it.
 Beside the tokens the model reads a segment index, which problem a token belongs to (prompt line k
-and solution k are segment k, data.segments), added like BERT's segment embeddings. A real LLM finds
-"### Problem k" in its context without help; a 0.8M-parameter model trained for minutes learns that
-lookup slowly and loses it when RL moves the solutions around, so the segment stands in for it.
-Also here: the optimizer (Muon + AdamW), the device, precision and process policy, and checkpoints:
-a folder of model.safetensors, config.json, tokenizer.json and state.pt, swapped in at once.
+and solution k are segment k, data.segments), added like BERT's segment embeddings: a real LLM finds
+"### Problem k" in its context unaided; a 0.8M-parameter model trained for minutes learns that
+lookup slowly and loses it when RL moves the solutions around. Also here: the optimizer (Muon +
+AdamW) and the device, precision and process policy. Checkpoints: checkpoint.py.
 """
 import contextlib
 import math
@@ -168,13 +166,11 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- optimizer
 
 def new_optimizer(model, lr, muon_lr=0.0):
-    """AdamW for every weight; or, with muon_lr > 0 (pretraining's default), Muon for the blocks'
-    weight matrices and AdamW for the rest (the embedding, which is also the tied head, and the
-    norms), the split nanochat uses. Muon (K. Jordan et al., 2024) is SGD with Nesterov momentum
-    whose update is replaced by the nearest semi-orthogonal matrix, so that every direction of a
-    weight matrix moves at the same rate: the base learns in far fewer steps than with AdamW alone.
-    RL keeps AdamW: its small learning rate was tuned with it, and Muon in RL is untested here.
-    No weight decay: it slowed the copying circuits down in short runs."""
+    """AdamW for every weight; or, with muon_lr > 0 (pretraining), Muon for the blocks' matrices and
+    AdamW for the rest (the embedding, also the tied head, and the norms), nanochat's split. Muon
+    (K. Jordan et al., 2024) is SGD with Nesterov momentum whose update is replaced by the nearest
+    semi-orthogonal matrix, so every direction of a matrix moves at one rate: the base learns in far
+    fewer steps. RL keeps AdamW (its lr was tuned with it). No weight decay: it slowed copying down."""
     if muon_lr <= 0:
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     rest, mats = [], []
@@ -253,16 +249,16 @@ def update_bf16(update_dtype, device):
 def setup(cfg):
     """(rank, world, device) for train.py's cfg. A no-op for one process; under torchrun, one process
     per device (CUDA: nccl, one GPU each) or per CPU share (gloo)."""
-    device = pick_device(cfg.device)
-    env, names = os.environ, ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
-    local_rank, rank, world, local_world = 0, 0, 1, 1
+    device, env = pick_device(cfg.device), os.environ
+    names = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+    if not set(names[:4]) & set(env):
+        return 0, 1, device
     try:  # torchrun sets all of these; a stray RANK alone would train a process that never saves
         v = {k: int(env[k]) for k in names if k in env}
-        if set(v) - {"MASTER_PORT"}:
-            local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: the missing one
-            if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536
-                    and env["MASTER_ADDR"]):
-                raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
+        local_rank, rank, world, local_world, port = (v[k] for k in names)  # KeyError: the missing one
+        if not (0 <= rank < world and 0 <= local_rank < local_world <= world and 0 < port < 65536
+                and env["MASTER_ADDR"]):
+            raise ValueError("RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE or MASTER_PORT out of range")
     except (KeyError, ValueError) as e:
         raise ValueError(f"this environment is not torchrun's ({e}): start several processes with torchrun") \
             from None

@@ -1,6 +1,6 @@
 """
 The harness: train.py's evaluation rows turned into verdicts, tables and figures (out/report.*,
-ablations.*, frontier.*, adapt.*): how results are judged, not how BCR works. A verdict gives the
+ablations.*, adapt.*): how results are judged, not how BCR works. A verdict gives the
 paper's claim in its words (arXiv 2604.02322, abstract), the toy's measurement and the rule joining
 them, written before the runs it judges and never changed because of what it returned. "2 se":
 2 * hypot(se_a, se_b), from each evaluation's own sampling noise (bcr.evaluate). Each rule holds on
@@ -20,27 +20,29 @@ every seed.
 - Explicit penalty: "implicit budget constraints successfully circumvent the adversarial gradients
   and catastrophic optimization collapse inherent to explicit length penalties" (accuracy "falls
   rapidly to zero"). The length-penalty control collapsed (category()) and BCR did not.
-Beyond the paper, verdicts of their own: findings()'s "beyond" and adapts(). The frontier puts
-predictions() beside what each penalty weight and budget did.
+Beyond the paper, verdicts of their own: findings()'s "beyond" and adapts() here, arena.py's for
+the frontier and the arena.
 """
 import io
 import itertools
 import json
 import math
+import os
 import platform
 import statistics
+import time
 from dataclasses import asdict
 
 import torch
+from tqdm import tqdm
 
 import bcr
-from checkpoint import atomic_write
+import checkpoint
 from data import EOS, encode, heldout_problems, prompt, segments, solution
 from model import autocast, update_bf16
 
 PAPER_CUT = (0.158, 0.626)  # the paper's token reductions at N = 1, smallest and largest
 TITLES = {"report": "nanoBCR report", "ablations": "nanoBCR ablations (b and N vary in training only)",
-          "frontier": "nanoBCR frontier: an explicit length penalty against an implicit budget",
           "adapt": "nanoBCR: does BCR adapt to N?"}
 NAMES = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",
          "lenpen": "length penalty, N = 1 under C", "adapt": "budget-aware BCR: N from 1 to max_N under C"}
@@ -277,31 +279,6 @@ def holds(task, std_norm, share, collapse, direct, cats):
     near = all(x >= share if task == "lenpen" and std_norm else abs(x - share) <= 0.15 for x in direct)
     return near and (collapse is None or all((c == "collapsed") == collapse for c in cats))
 
-def frontier(es, variants, cfg, Nmax):
-    """One row per setting: its seeds' figures, categories, and the predictions beside them."""
-    base, rows = es[0], []
-    rollouts = cfg.G * cfg.prompts * cfg.rl_steps  # each starts with a sample of the first token
-    pr = predictions(pick(base["eval"], 1), bcr.budget(cfg), cfg.format_bonus, rollouts)
-    for name, (task, flags) in variants.items():
-        runs = [e for e in es if e["name"] == name]
-        lam, std, b = (flags.get(k, getattr(cfg, k)) for k in ("lenpen", "std_norm", "b"))
-        share, collapse = predict_run(pr, task, lam, std, b)
-        got = lambda k, N=1: [pick(e["eval"], N)[k] for e in runs]  # noqa: E731
-        cats = [category(e["eval"], base["eval"], e["curve"]) for e in runs]
-        rows.append(dict(name=name, task=task, lenpen=lam if task == "lenpen" else None, std_norm=std, b=b,
-                         acc=got("acc"), tokens=got("tokens_per_problem"), direct=got("direct_share"),
-                         acc_N=got("acc", Nmax), tokens_N=got("tokens_per_problem", Nmax),
-                         low=[min(smooth(e["curve"]) or [float("nan")]) for e in runs], categories=cats,
-                         predicted_direct=share, predicted_collapse=collapse,
-                         holds=holds(task, std, share, collapse, got("direct_share"), cats)))
-    return pr, rows
-
-def setting(r, short=False):
-    if r["task"] == "bcr":  # BCR, or the length penalty at its weight
-        return f"b={r['b']}" if short else f"BCR, b = {r['b']}"
-    return (f"λ={r['lenpen']:g}" if short else f"length penalty λ = {r['lenpen']:g}") + (
-        "" if r["std_norm"] else " no std" if short else ", no std normalisation")
-
 def verdicts_md(f):
     """The paper's claims as a table, the comparisons beyond it as a list."""
     paper = [f"| {k} | \"{v['paper']}\" | {v['evidence']} | {v['rule']} | "
@@ -319,7 +296,7 @@ def summary(es, Nmax, what):
             (Nmax, "acc", "acc", "{:.3f}"), (Nmax, "tokens_per_problem", "tokens/problem", "{:.1f}"),
             (Nmax, "truncation_rate", "truncated", "{:.2f}")]
     out = ["| run | what | " + " | ".join(f"N={N} {h}" for N, _, h, _ in cols) + " |",
-           "|---" * (len(cols) + 2)]
+           "|---" * (len(cols) + 2) + "|"]
     for name in what:
         at = [{N: pick(e["eval"], N) for N in (1, Nmax)} for e in es if e["name"] == name]
         out.append(f"| {name} | {what[name]} | " + " | ".join(spread([a[N][k] for a in at], fmt)
@@ -340,29 +317,30 @@ def sweep_md(es, Ns):
             out.append(f"| {name} | {label} | " + " | ".join(f"{x:.3f}" for x in at) + " |")
     return "\n".join(out)
 
-def frontier_md(pr, rows, C):
-    out = ["| setting | N=1 acc | N=1 tokens/problem | N=1 direct share | largest N acc | lowest smoothed "
-           "rollout acc | categories | predicted direct share | predicted collapse | prediction holds |",
-           "|" + "---|" * 10]
-    for r in rows:
-        floor = ">= " if r["task"] == "lenpen" and r["std_norm"] else ""
-        collapse = {None: "-", True: "yes", False: "no"}[r["predicted_collapse"]]
-        cells = [spread(r["acc"]), spread(r["tokens"], "{:.1f}"), spread(r["direct"], "{:.2f}"),
-                 spread(r["acc_N"]), spread(r["low"]), count(r["categories"]),
-                 f"{floor}{r['predicted_direct']:.2f}", collapse, "yes" if r["holds"] else "**no**"]
-        out.append(f"| {setting(r)} | " + " | ".join(cells) + " |")
-    out.append(f"\nFrom the base's sampled N = 1 answers under C = {C}:\n")
-    out += [f"- {c} column(s), {p['share']:.0%} of problems: direct {p['acc_direct']:.3f} right in "
-            f"{p['len_direct']:.1f} tokens, stepped {p['acc_step']:.3f} in {p['len_step']:.1f} (loop-free): "
-            f"without std normalisation direct pays from lambda_c = {p['lambda']:.2f}"
-            for c, p in pr["per_column"].items()]
-    out.append(f"- an empty completion out-earns a direct answer from lambda = {pr['lambda_empty']:.2f}; the "
-               f"base ends at once with p = {pr['p_eos']:.2g} (begins with the answer: {pr['p_A']:.2g}): it "
-               f"would sample an immediate <eos> {pr['p_eos'] * pr['rollouts']:.2g} times in "
-               f"{pr['rollouts']} rollouts")
-    out.append(f"- BCR at b fits N answers in N*b only with a direct share >= (len_step - b) / (len_step - "
-               f"len_direct), len_step = {pr['len_step']:.1f}, len_direct = {pr['len_direct']:.1f}")
-    return "\n".join(out)
+def sweeps(cfg, metas, key, rank, world, device, greedy):
+    """Each run's N-sweep under the shared budget C, sampled (greedy at N = 1 too: greedy, or the
+    base), cached in <run>/eval.json under `key`, the evaluation's flags. metas: {run: its checkpoint's
+    config.json, checked finished}. Returns {run: {"rows", "wall_s", "train_wall_s", "curve"}}."""
+    evals, C, problems = {}, bcr.budget(cfg), heldout_problems(cfg)
+    Ns = [int(x) for x in cfg.eval_Ns.split(",")]
+    for run, meta in metas.items():
+        path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
+        ev = checkpoint.cached(path)
+        if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
+            t0 = time.perf_counter()
+            model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
+            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g
+            rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, rank, world)
+                    for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
+            if Ns[0] == 1:  # for the frontier's predictions
+                rows[0]["p_first"] = first_token(model, tok, problems)
+            ev = {"key": key, "greedy": g, "rows": rows, "wall_s": time.perf_counter() - t0}
+            if rank == 0:
+                checkpoint.atomic_write(path, json.dumps(ev))
+        log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
+        lines = checkpoint.read(log, 2 ** 40).splitlines() if run != "base" and os.path.exists(log) else []
+        evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": [json.loads(x) for x in lines]}
+    return evals
 
 def entries(cfg, ev, C, Ns):
     """One entry per run of ev (train.evaluate_runs'): its N-sweep under C, its N = 1 figures, what its
@@ -388,11 +366,11 @@ def entries(cfg, ev, C, Ns):
 
 def write(cfg, device, ev, variants):
     """out/<kind>.json and .md, and with matplotlib a figure (but for the ablations); the kind is the
-    stage's: report (the paper's claims), ablations, frontier or adapt (BCR against the allocation
-    oracle). ev: train.py's evaluate_runs; variants: {label: (task, flags)} of the stage's variants."""
+    stage's: report (the paper's claims), ablations or adapt (BCR against the allocation oracle; the
+    frontier and the arena: arena.py). ev: train.py's evaluate_runs; variants: the stage's."""
     C, Ns = bcr.budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")]
     es = entries(cfg, ev, C, Ns)
-    kind, Nmax, wall = cfg.stage if cfg.stage in ("ablations", "frontier", "adapt") else "report", max(Ns), {}
+    kind, Nmax, wall = cfg.stage if cfg.stage in ("ablations", "adapt") else "report", max(Ns), {}
     for run, v in ev.items():
         name = "pretrain" if run == "base" else run.rpartition("-s")[0]
         wall[name] = wall.get(name, 0.0) + v["train_wall_s"]
@@ -413,16 +391,12 @@ def write(cfg, device, ev, variants):
           summary(es, Nmax, what)]
     if kind in ("report", "adapt"):
         md += ["\n## The N-sweep against what each model's N = 1 answers predict\n", sweep_md(es, Ns)]
-    if kind == "frontier":
-        rep["predictions"], rep["frontier"] = frontier(es, variants, cfg, Nmax)
-        md += ["\n## Each setting against its prediction\n", frontier_md(rep["predictions"], rep["frontier"],
-                                                                         C)]
     md.append("\n## Config\n\n```\n" + json.dumps(rep["config"]) + "\n```\n")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples"} for r in rows]  # noqa: E731
     rep["runs"] = [dict(e, eval=strip(e["eval"])) for e in es]
-    atomic_write(f"{cfg.out_dir}/{kind}.json", json.dumps(rep, indent=1))
-    atomic_write(f"{cfg.out_dir}/{kind}.md", "\n".join(md))
-    draw = {"report": plot_report, "frontier": plot_frontier, "adapt": plot_adapt}.get(kind)
+    checkpoint.atomic_write(f"{cfg.out_dir}/{kind}.json", json.dumps(rep, indent=1))
+    checkpoint.atomic_write(f"{cfg.out_dir}/{kind}.md", "\n".join(md))
+    draw = {"report": plot_report, "adapt": plot_adapt}.get(kind)
     return (figure(draw, rep, f"{cfg.out_dir}/{kind}.png") + "; " if draw else "") + \
         f"wrote {cfg.out_dir}/{kind}.md and {kind}.json"
 
@@ -437,7 +411,7 @@ def figure(draw, rep, path):  # matplotlib is optional: without it, no figure
     fig.tight_layout()
     fig.savefig(buf, dpi=90, format="png")
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    checkpoint.atomic_write(path, buf.getvalue())
     return f"wrote {path}"
 
 def plot_sweep(ax, rep, names, lines):
@@ -486,34 +460,5 @@ def plot_adapt(plt, rep):
             ax[2].plot(Ns, share, "o-" if c == "1" else "s--", color=f"C{i}", label=f"{name}, {c} column(s)")
     ax[2].set_title("share of problems answered directly, by column count", fontsize=10)
     for a in ax:
-        a.legend(fontsize=7)
-    return fig
-
-def points(a, items):
-    """Accuracy against tokens per problem on axis a: a point per (label, colour, accuracies, tokens)
-    with its seeds' min-max bars; a label that would land on an earlier one moves up a line."""
-    placed = []
-    for label, color, acc, tok in items:
-        x, y = statistics.mean(tok), statistics.mean(acc)
-        a.errorbar(x, y, xerr=[[x - min(tok)], [max(tok) - x]], yerr=[[y - min(acc)], [max(acc) - y]],
-                   fmt="o", color=color, capsize=2)
-        lift = sum(abs(x - px) < 2 and abs(y - py) < 0.04 for px, py in placed)
-        a.annotate(label, (x, y), fontsize=7, xytext=(3, 3 + 9 * lift), textcoords="offset points")
-        placed.append((x, y))
-    a.set_xlabel("tokens per problem")
-    a.set_ylabel("accuracy")
-
-def plot_frontier(plt, rep):
-    """Accuracy against tokens per problem, a point per setting, at N = 1 and at the largest N."""
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    base, Nmax = rep["runs"][0]["eval"], max(r["N"] for r in rep["runs"][0]["eval"])
-    colors = {("bcr", True): "C0", ("lenpen", True): "C3", ("lenpen", False): "C1"}
-    for a, N, (acc, tok) in zip(ax, (1, Nmax), (("acc", "tokens"), ("acc_N", "tokens_N"))):
-        points(a, [(setting(r, short=True), colors[r["task"], r["std_norm"]], r[acc], r[tok])
-                   for r in rep["frontier"]])
-        a.plot(pick(base, N)["tokens_per_problem"], pick(base, N)["acc"], "k*", markersize=10, label="base")
-        for color, label in zip(colors.values(), ("BCR, budget b", "length penalty", "penalty, no std")):
-            a.plot([], [], "o", color=color, label=label)
-        a.set_title(f"N = {N} (sampled, under C)", fontsize=10)
         a.legend(fontsize=7)
     return fig

@@ -1,21 +1,14 @@
 """
 The sampler: a batch of *different* prompts decoded together with a preallocated KV cache.
-
-Layout. Prompts are left-padded to a common length Tp, so every row's next token goes to the same
-cache slot t; each row keeps its own RoPE position (slot minus its padding), and a key mask hides
-the pad slots. Rows stop on their own: after <eos>, or at their hard cap of new tokens, a row only
-writes <pad>.
-
-CUDA-aware by construction: the decode loop never asks the host for a value, except one cheap
-"are all rows done?" every 16 tokens; the cache, masks and RoPE tables have fixed shapes, so the
-one-token step can be captured in a CUDA graph (mode="graph") and replayed; bf16 autocast on CUDA.
-Three decode paths, all tested to agree:
-- eager (default on CPU): attends over the cache slots written so far, and drops finished rows
-  from the batch (cache included) once a quarter of it is done, so that a long straggler does not
-  keep the whole batch decoding (`python tests/bench.py --what=eval --ckpt=out/base` times it);
-- static: attends over the whole cache behind a mask, with no Python int in the step (graph-ready);
-- graph: the static step captured once in a CUDA graph (CUDA only);
-and generate_naive() beside them, which recomputes the whole sequence for every token.
+Prompts are left-padded to one length Tp, so every row's next token goes to the same cache slot;
+each row keeps its own RoPE position (slot minus its padding) and a key mask hides the pads. Rows
+stop on their own: after <eos>, or at their hard cap of new tokens, a row only writes <pad>.
+CUDA-aware: the decode loop asks the host for one value, "are all rows done?", every 16 tokens;
+the cache, masks and RoPE tables have fixed shapes, so the one-token step can be captured in a
+CUDA graph; bf16 autocast on CUDA. Three decode paths, tested to agree: eager (CPU's default:
+attends over the slots written so far, drops finished rows once a quarter are done), static (over
+the whole cache behind a mask, no Python int in the step) and graph (the static step captured
+once, CUDA only); and generate_naive() beside them, recomputing the whole sequence every token.
 
 CLI:  python sample.py --ckpt out/bcr-s1 --problems "47+85, 52-17"
 """
@@ -26,7 +19,7 @@ import sys
 import warnings
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): out at once, nothing is written yet
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import torch  # noqa: E402
 
@@ -52,11 +45,10 @@ def prefill_mask(valid):
     return ((causal & valid[:, None, :]) | eye)[:, None]                       # (B, 1, T, T)
 
 def next_token(logits, temperature, top_k, generator, rows=None, batch=None):
-    """logits (B', V) -> tokens (B',). <pad> is never sampled. Sampling uses argmax(p / E) with
-    E ~ Exp(1) drawn from the explicit generator: an exact draw from p, with no host sync (unlike
-    torch.multinomial on CUDA). rows (B',): which rows of the whole batch (of size `batch`) these
-    are, once generate() has dropped finished ones; E is drawn for the whole batch all the same, so
-    that every row gets the draw it would have got with nothing dropped."""
+    """logits (B', V) -> tokens (B',), never <pad>: argmax(p / E), E ~ Exp(1) from the explicit
+    generator, is an exact draw from p with no host sync (unlike torch.multinomial on CUDA). rows:
+    which rows of the whole batch these are once generate() dropped finished ones; E is drawn for
+    the whole batch all the same, so every row gets the draw it would have had with none dropped."""
     logits = logits.float()
     logits[:, PAD] = float("-inf")
     if temperature == 0:
@@ -70,84 +62,113 @@ def next_token(logits, temperature, top_k, generator, rows=None, batch=None):
     noise.exponential_(generator=generator)
     return (probs / (noise if rows is None else noise[rows])).argmax(-1)
 
+def prefill(model, prompts, length):
+    """Logits (B, V) after each prompt, and a KVCache of B rows and `length` slots holding them.
+    Identical prompts (the G samples of an RL group) are run once and their cache rows copied."""
+    device = model.wte.weight.device
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    distinct = {}
+    inv = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    inv = torch.tensor(inv, device=device)                                # (B,)
+    idx, pos, valid = left_pad(list(distinct), device)                    # (U, Tp) each
+    cache = KVCache(model.cfg, len(distinct), length, device, dtype)
+    with autocast(device):
+        logits = model(idx, segments(idx, idx.shape[1]), pos, prefill_mask(valid), cache, 0)  # (U, Tp, V)
+    if len(distinct) < len(prompts):
+        cache.k, cache.v = cache.k[:, inv], cache.v[:, inv]               # (L, B, nh, S, hd)
+    return logits[inv, -1], cache
+
+class Decoder:
+    """generate()'s state: the cache, each row's last token, position, segment (its problem), cap
+    and done flag, and a key bias over the whole cache, 0 where a slot holds a real token and -inf
+    for pads and slots not written yet (one-token steps take it as their additive mask, updated in
+    place). Two ways to take a step, the same tokens from each: eager and static."""
+
+    def __init__(self, model, prompts, caps, n_steps):
+        self.model, self.device, B = model, model.wte.weight.device, len(prompts)
+        idx, pos, valid = left_pad(prompts, self.device)                  # (B, Tp) each
+        self.Tp = idx.shape[1]
+        self.logits, self.cache = prefill(model, prompts, self.Tp + n_steps)
+        self.bias = torch.full((B, 1, 1, self.Tp + n_steps), float("-inf"), device=self.device)
+        self.bias[:, 0, 0, :self.Tp].masked_fill_(valid, 0.0)            # (B, 1, 1, S)
+        self.tok, self.pos = idx[:, -1].clone(), pos[:, -1].clone()       # (B,) each
+        self.t = torch.tensor([self.Tp - 1], device=self.device)          # the slot written last
+        self.seg = torch.ones(B, dtype=torch.long, device=self.device)    # the completion's first problem
+        self.rows = torch.arange(B, device=self.device)                   # the rows still decoding
+        self.caps, self.done = caps, torch.zeros(B, dtype=torch.bool, device=self.device)
+
+    def eager(self, i):
+        """Token i's step, attending over the slots written so far: the plainest (Python ints inside)."""
+        self.pos.add_(1)
+        self.bias[..., self.Tp + i] = 0.0
+        with autocast(self.device):
+            logits = self.model(self.tok[:, None], self.seg[:, None], self.pos[:, None],
+                                self.bias[..., :self.Tp + i + 1], self.cache, self.Tp + i)  # (B', 1, V)
+        self.seg.add_(self.tok == NEWLINE)  # after a newline, the next problem
+        return logits[:, -1]
+
+    def static(self, i=None):
+        """The same step over the whole cache behind the bias: fixed shapes only (CUDA-graph ready)."""
+        self.pos.add_(1)
+        self.t.add_(1)
+        self.bias.index_fill_(3, self.t, 0.0)
+        with autocast(self.device):
+            logits = self.model(self.tok[:, None], self.seg[:, None], self.pos[:, None], self.bias,
+                                self.cache, self.t)                       # (B, 1, V)
+        self.seg.add_(self.tok == NEWLINE)
+        return logits[:, -1]
+
+    def drop(self, alive, nxt):
+        """Keep the rows in alive (B'',), cache included: a straggler need not keep the batch going."""
+        for name in ("rows", "tok", "pos", "seg", "bias", "caps", "done"):
+            setattr(self, name, getattr(self, name)[alive])
+        self.cache.k, self.cache.v = self.cache.k[:, alive], self.cache.v[:, alive]  # copies
+        return nxt[alive]
+
 @torch.inference_mode()
-def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="eager", drop_done=True):
+def generate(model, prompts, max_new, temperature=1.0, top_k=0, generator=None, mode="auto", drop_done=True):
     """Decode a batch of token-id prompts of any lengths.
     max_new: int or one cap per row (the hard cap on new tokens, <eos> included).
-    mode: 'eager' | 'static' | 'graph' (see the module docstring); all give the same tokens.
+    mode: 'eager' | 'static' | 'graph' (see the module docstring), the same tokens from each; 'auto':
+    graph on CUDA, eager elsewhere.
     drop_done: eager mode drops finished rows (False keeps the batch whole: same tokens, slower).
     Returns tokens (B, max(max_new)), <pad> after each row's end, and lengths (B,): the number of
     new tokens per row, <eos> included. A row whose tokens hold no <eos> was cut by its cap."""
-    # 1) layout: left-padded prompts, per-row positions and caps
+    # 1) prefill the left-padded prompts into a cache long enough for every new token
     device = model.wte.weight.device
+    mode = ("graph" if device.type == "cuda" else "eager") if mode == "auto" else mode
     B = len(prompts)
-    caps = torch.as_tensor(max_new, device=device).expand(B)                  # (B,)
+    caps = torch.as_tensor(max_new, device=device).expand(B)              # (B,)
     n_steps = int(caps.max())
-    idx, pos, valid = left_pad(prompts, device)
-    Tp = idx.shape[1]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # 2) prefill: identical prompts (the G samples of an RL group) once, then their cache rows copied
-    distinct = {}
-    inv = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)  # (B,)
-    u_idx, u_pos, u_valid = left_pad(list(distinct), device)                  # (U, Tp) each
-    cache = KVCache(model.cfg, len(distinct), Tp + n_steps, device, dtype)
-    with autocast(device):
-        logits = model(u_idx, segments(u_idx, Tp), u_pos, prefill_mask(u_valid), cache, 0)[inv, -1]  # (B, V)
-    if len(distinct) < B:
-        cache.k, cache.v = cache.k[:, inv], cache.v[:, inv]                    # (L, B, nh, S, hd)
-    # 3) decode state: a key bias over the whole cache, 0 where a slot holds a real token, -inf for
-    # pads and slots not written yet (one-token steps take it as their additive mask, updated in place)
-    bias = torch.full((B, 1, 1, Tp + n_steps), float("-inf"), device=device)   # (B, 1, 1, S)
-    bias[:, 0, 0, :Tp].masked_fill_(valid, 0.0)
-    out = torch.full((B, n_steps), PAD, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    tok, pos, t = idx[:, -1].clone(), pos[:, -1].clone(), torch.tensor([Tp - 1], device=device)
-    seg = torch.ones(B, dtype=torch.long, device=device)  # the completion's first problem is 1
-
-    def static_step():  # everything in here is a tensor op on fixed shapes: graph-capturable
-        pos.add_(1)
-        t.add_(1)
-        bias.index_fill_(3, t, 0.0)
-        with autocast(device):
-            logits = model(tok[:, None], seg[:, None], pos[:, None], bias, cache, t)[:, -1]
-        seg.add_(tok == NEWLINE)  # after a newline, the next problem
-        return logits
-
-    graph = None  # 4) graph mode: capture the one-token step once, replay it for every token
+    dec = Decoder(model, prompts, caps, n_steps)
+    logits = dec.logits                                                   # (B, V)
+    step = dec.eager if mode == "eager" else dec.static
+    # 2) graph mode: the static step captured once, replayed for every token
     if mode == "graph" and n_steps > 1:
         try:
-            graph, logits_buf = capture(static_step, (pos, t, bias, seg), device)
-        except RuntimeError as e:  # the eager fallback: same tokens, just slower
+            graph, graph_logits = capture(dec.static, (dec.pos, dec.t, dec.bias, dec.seg), device)
+            step = lambda i: (graph.replay(), graph_logits)[1]  # noqa: E731
+        except RuntimeError as e:  # the fallback gives the same tokens, just slower
             warnings.warn(f"CUDA graph capture failed, decoding eagerly instead ({str(e).splitlines()[0]})")
-            mode = "static"
-    rows = torch.arange(B, device=device)  # the rows still in the batch (eager drops finished ones)
-    for i in range(n_steps):  # 5) the decode loop: sample, record, stop rows, feed the token back
-        nxt = next_token(logits, temperature, top_k, generator, rows, B).masked_fill(done, PAD)  # (B',)
-        out[rows, i] = nxt
-        done |= (nxt == EOS) | (caps <= i + 1)
+    out = torch.full((B, n_steps), PAD, device=device)
+    for i in range(n_steps):
+        # 3) sample the next tokens, record them, stop the rows that ended or met their cap
+        nxt = next_token(logits, temperature, top_k, generator, dec.rows, B)  # (B',)
+        nxt = nxt.masked_fill(dec.done, PAD)
+        out[dec.rows, i] = nxt
+        dec.done |= (nxt == EOS) | (dec.caps <= i + 1)
         if i + 1 == n_steps:
             break
-        if i % 16 == 15:  # 6) stop: the only host sync, which rows still go on (none: stop)
-            alive = (~done).nonzero()[:, 0]                                                      # (B'',)
+        # 4) every 16 tokens, the loop's only host sync: which rows go on (none: stop)
+        if i % 16 == 15:
+            alive = (~dec.done).nonzero()[:, 0]                           # (B'',)
             if len(alive) == 0:
                 break
-            if mode == "eager" and drop_done and len(alive) <= 0.75 * len(done):  # a quarter done: drop
-                rows, nxt, tok, pos, seg, bias, caps, done = (
-                    x[alive] for x in (rows, nxt, tok, pos, seg, bias, caps, done))
-                cache.k, cache.v = cache.k[:, alive], cache.v[:, alive]  # (L, B'', nh, S, hd) copies
-        tok.copy_(nxt)
-        if graph is not None:
-            graph.replay()
-            logits = logits_buf
-        elif mode == "eager":
-            pos.add_(1)
-            bias[..., Tp + i] = 0.0
-            with autocast(device):
-                logits = model(tok[:, None], seg[:, None], pos[:, None], bias[..., :Tp + i + 1], cache,
-                               Tp + i)[:, -1]
-            seg.add_(tok == NEWLINE)
-        else:
-            logits = static_step()
+            if mode == "eager" and drop_done and len(alive) <= 0.75 * len(dec.done):
+                nxt = dec.drop(alive, nxt)
+        # 5) feed the tokens back
+        dec.tok.copy_(nxt)
+        logits = step(i)
     return out, (out != PAD).sum(1)
 
 def capture(step, state, device):
@@ -216,13 +237,10 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     try:
         args = ap.parse_args(argv)
-        checks = [(args.temperature == 0 or 0.01 <= args.temperature <= 100,
-                   "--temperature: 0 (greedy) or 0.01 to 100"),
-                  (min(args.top_k, args.max_new, args.seed) >= 0 and args.seed < 2 ** 63,
-                   "--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")]
-        for ok, why in checks:
-            if not ok:
-                raise ValueError(why)
+        if not (args.temperature == 0 or 0.01 <= args.temperature <= 100):
+            raise ValueError("--temperature: 0 (greedy) or 0.01 to 100")
+        if min(args.top_k, args.max_new, args.seed) < 0 or args.seed >= 2 ** 63:
+            raise ValueError("--top_k, --max_new and --seed must be >= 0 (--seed below 2**63)")
         problems = parse_problems(args.problems)
         device = pick_device(args.device)
         model, tok, _ = checkpoint.load(args.ckpt, device)

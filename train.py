@@ -1,22 +1,17 @@
 """
 nanoBCR's entry point: `python train.py` runs the whole reproduction, reusing finished stages.
-
   pretrain   a tiny GPT learns verbose arithmetic traces (re-check loops, direct answers) -> out/base
   bcr        BCR: N=3 problems per prompt under one hard cap of N*b tokens            -> out/bcr-s<seed>
   grpo       control: the same GRPO at N=1 with the sweep's budget C (no pressure)     -> out/grpo-s<seed>
   lenpen     control: GRPO at N=1, cap C, reward acc - lenpen*|y|/C                    -> out/lenpen-s<seed>
   eval       every model on N in eval_Ns under the one shared budget C, sampled (greedy at N=1)
   report     the paper's claims judged by report.py                              -> out/report.md, .json, .png
-  ablations  BCR variants on the same base: budget b, training N, credit, advantages, budget-aware
-             BCR                                                                       -> out/ablations.*
-  frontier   the length penalty at several weights, with and without std normalisation, against
-             BCR at several budgets, beside closed-form predictions                    -> out/frontier.*
-
---stage=<name> runs one stage (RL stages first finish or reuse the base); --seeds=3 runs three RL
-seeds. Every step is logged to out/<run>.jsonl. A finished run is reused only if its saved config
-matches; an interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K.
+Not part of all: ablations (b, N, credit, std), adapt (budget-aware BCR against the allocation
+oracle), frontier (penalty weights against budgets) and arena (the field's methods) -> out/<stage>.*
+--stage=<name> runs one (RL stages first finish or reuse the base); --seeds=3 runs three RL seeds.
+Each step is logged to out/<run>.jsonl; a finished run is reused only if its saved config matches,
+an interrupted one continues with --resume. Several processes: torchrun --nproc_per_node=K.
 """
-import json
 import math
 import os
 import signal
@@ -25,17 +20,18 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): out at once, nothing is written yet
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import arena  # noqa: E402
 import bcr  # noqa: E402
 import checkpoint  # noqa: E402
 import report  # noqa: E402
-from data import build_tokenizer, heldout_problems, prompt, pretrain_batch, solution  # noqa: E402
+from data import build_tokenizer, prompt, pretrain_batch, solution  # noqa: E402
 from model import GPT, GPTConfig, all_mean, autocast, new_optimizer, setup  # noqa: E402
 from sample import ArgParser  # noqa: E402
 
@@ -46,7 +42,7 @@ def arg(default, help, choices=None):
 class Config:
     # run
     stage: str = arg("all", "what to run", ("all", "pretrain", "bcr", "grpo", "lenpen", "eval", "report",
-                                           "ablations", "frontier"))
+                                           "ablations", "frontier", "adapt", "arena"))
     out_dir: str = arg("out", "where checkpoints, logs and the report go")
     device: str = arg("auto", "auto | cpu | cuda | mps")
     preset: str = arg("cpu", "cpu: laptop defaults; gpu: bigger model and batches, one GPU", ("cpu", "gpu"))
@@ -54,7 +50,6 @@ class Config:
     seeds: int = arg(1, "number of RL seeds: seed, seed+1, ...")
     resume: bool = arg(False, "continue an interrupted stage from its last checkpoint")
     save_every: int = arg(100, "steps between checkpoints during a stage")
-    decode: str = arg("auto", "sampler path (graph: CUDA only)", ("auto", "eager", "static", "graph"))
     # model
     n_layer: int = arg(4, "transformer blocks")
     n_head: int = arg(4, "attention heads (head size 32: cheaper on CPU than 8 heads of 16)")
@@ -87,6 +82,7 @@ class Config:
     G: int = arg(8, "samples per prompt (the GRPO group)")
     prompts: int = arg(8, "packed prompts per RL step")
     rl_steps: int = arg(100, "RL steps of each RL run")
+    adapt_steps: int = arg(600, "RL steps of budget-aware BCR (--stage=adapt): learning to read N is slow")
     rl_lr: float = arg(1e-4, "RL learning rate (constant after warm-up)")
     temperature: float = arg(1.0, "sampling temperature in RL and in sampled evaluation")
     std_norm: bool = arg(True, "divide advantages by the group's std (False: Dr. GRPO / REINFORCE)")
@@ -95,6 +91,7 @@ class Config:
     kl: float = arg(0.0, "weight of the k3 KL penalty to the frozen base (0: none)")
     format_bonus: float = arg(0.1, "reward for exactly N labelled answers followed by <eos>")
     lenpen: float = arg(1.0, "lambda of the length-penalty control: r = acc - lambda*|y|/C")
+    method: str = arg("", "a method of the arena turning rewards into advantages (arena.py; '': BCR's)")
     update_dtype: str = arg("auto", "RL update's autocast (auto: bf16 on CUDA and on a CPU with native bf16)",
                             ("auto", "bf16", "fp32"))
     # evaluation
@@ -114,20 +111,16 @@ BASE_KEYS = MODEL_KEYS + tuple("max_digits ops max_N p_loop p_again max_loops p_
                                "pt_steps pt_docs pt_micro_tokens pt_max_pad pt_lr pt_muon_lr pt_grow_N "
                                "pt_concise warmup grad_clip".split())
 RL_KEYS = BASE_KEYS + tuple("N b G prompts rl_steps rl_lr temperature std_norm token_mean slot_credit kl "
-                            "format_bonus lenpen update_dtype".split())
+                            "format_bonus lenpen method update_dtype".split())
 EVAL_KEYS = ("eval_problems", "eval_Ns", "C", "eval_seed", "temperature")
 # Variants, RL runs on the same base: label -> (task, flags); a main run's label (bcr, lenpen) is that run.
 # The paper's ablations, budgets at 0.8x / 1.2x b as its 4096 / 6144 tokens against 5120, and one beyond it
 ABLATIONS = {"b29": ("bcr", dict(b=29)), "b43": ("bcr", dict(b=43)), "N2": ("bcr", dict(N=2)),
              "N4": ("bcr", dict(N=4)), "N5": ("bcr", dict(N=5)), "slot": ("bcr", dict(slot_credit=True)),
              "nostd": ("bcr", dict(std_norm=False))}
-# The dose-response: the penalty's weight, with and without std normalisation, against BCR's budget
-# (b = 16 and 20 bind below the loop-free trace)
-FRONTIER = {**{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (0.1, 0.25)}, "lenpen": ("lenpen", {}),
-            **{f"lp{x:g}": ("lenpen", dict(lenpen=x)) for x in (4, 10)},
-            **{f"lp{x:g}-nostd": ("lenpen", dict(lenpen=x, std_norm=False)) for x in (0.25, 1, 4)},
-            **{f"b{b}": ("bcr", dict(b=b)) for b in (16, 20, 29)}, "bcr": ("bcr", {}),
-            "b43": ("bcr", dict(b=43))}
+# Budget-aware BCR (trained for --adapt_steps)
+ADAPT = {"adapt": ("adapt", {})}
+VARIANTS = {"ablations": ABLATIONS, "frontier": arena.FRONTIER, "adapt": ADAPT, "arena": arena.ARENA}
 
 TRAIN_ONLY = ("pretrain", "bcr", "grpo", "lenpen")  # stages that write no report
 
@@ -149,22 +142,19 @@ def parse_config(argv=None):
     validate(cfg)
     return cfg
 
-def eval_Ns(cfg):
-    return [int(x) for x in cfg.eval_Ns.split(",")]
-
 MINIMUM = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
                       "pt_max_pad max_loops",
-           0: "seed base_seed eval_seed pt_steps rl_steps warmup C pt_lr pt_muon_lr rl_lr kl lenpen "
-              "grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
+           0: "seed base_seed eval_seed pt_steps rl_steps adapt_steps warmup C pt_lr pt_muon_lr rl_lr kl "
+              "lenpen grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
 
 def validate(cfg):
     """Every bad value gets a one-line reason before any work starts: one table of (condition,
     message), checked in order, so that a value is named before what depends on it."""
     ok_Ns = all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(","))
-    Ns, digits = eval_Ns(cfg) if ok_Ns else [1], min(max(cfg.max_digits, 1), 18)
+    Ns, digits = [int(x) for x in cfg.eval_Ns.split(",")] if ok_Ns else [1], min(max(cfg.max_digits, 1), 18)
     worst, C, cap = (10 ** digits - 1, "+", 10 ** digits - 1), bcr.budget(cfg), cfg.N * cfg.b
     shortest = len(solution(worst, 1)) + 1
-    longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14), max(C, cap)))
+    longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14)))
     table = [
         (ok_Ns, "--eval_Ns: integers, comma-separated"),
         *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
@@ -178,6 +168,7 @@ def validate(cfg):
         (cfg.max_digits <= 18, "--max_digits must be at most 18"),
         (cfg.temperature == 0 or 0.01 <= cfg.temperature <= 100, "--temperature: 0 (greedy) or 0.01 to 100"),
         (cfg.ops and set(cfg.ops) <= set("+-"), "--ops must use only + and -"),
+        (cfg.method in ("", *bcr.METHODS), f"--method: '' or one of {', '.join(bcr.METHODS)}"),
         (not os.path.isfile(cfg.out_dir), f"--out_dir={cfg.out_dir!r} is a file, not a folder"),
         (cfg.out_dir.encode(errors="replace").decode() == cfg.out_dir,
          f"--out_dir={cfg.out_dir!r} is not UTF-8"),
@@ -208,10 +199,9 @@ def set_lr(opt, step, total, peak, warmup, cosine):
     return lr
 
 class Run:
-    """The bookkeeping every training run shares, around its own `for step in run.steps` loop:
-    resume an interrupted checkpoint (meta, checkpoint.checked's) once its optimizer state and log
-    agree with it, log each step, save every save_every steps and at the end (rank 0 only), stop
-    on a non-finite step with the last good checkpoint untouched."""
+    """The bookkeeping of every training run, around its `for step in run.steps` loop: resume an
+    interrupted checkpoint (meta: checkpoint.checked's), log each step, save every save_every steps
+    and at the end (rank 0), stop on a non-finite step with the last good checkpoint untouched."""
 
     def __init__(self, cfg, folder, meta, model, opt, total, rank, world):
         self.cfg, self.folder, self.model, self.opt, self.total, self.rank, self.world = (
@@ -300,32 +290,27 @@ def rl(cfg, meta, task, name, seed, tok, rank, world, device):
     ref = checkpoint.load(f"{cfg.out_dir}/base", device)[0] if cfg.kl > 0 else None
     opt = new_optimizer(model, cfg.rl_lr)
     spec = bcr.task(task, cfg)
-    step_cfg = replace(cfg, lenpen=spec.lenpen, decode=decode_mode(cfg, device))
+    step_cfg = replace(cfg, lenpen=spec.lenpen)
     run = Run(cfg, folder, meta, model, opt, cfg.rl_steps, rank, world)
     for step in run.steps:
         set_lr(opt, step, cfg.rl_steps, cfg.rl_lr, min(cfg.warmup, 10), cosine=False)
         groups = bcr.rl_batch(task, cfg, seed, step)
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + step * 101 + rank)
         # the step's groups are split over processes: a group never straddles two of them
-        row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world,
-                          spec.told)
+        row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world)
         run.end_step(step, row)
-
-def decode_mode(cfg, device):
-    if cfg.decode == "graph" and device.type != "cuda":
-        raise ValueError("--decode=graph needs CUDA")
-    return ("graph" if device.type == "cuda" else "eager") if cfg.decode == "auto" else cfg.decode
 
 def runs(cfg):
     """What the stage trains or evaluates, in order, the base first: {run name: (task, config, seed)}.
-    A variant (ablations, frontier) is trained with its own flags as abl-<label>-s<seed>; a main
-    run's label (bcr, lenpen) is that run, reused."""
+    A variant (VARIANTS) is trained with its own flags as abl-<label>-s<seed>; a main run's label
+    (bcr, lenpen) is that run, reused."""
     seeds, stage = range(cfg.seed, cfg.seed + cfg.seeds), cfg.stage
-    main = {"all": "bcr grpo lenpen", "eval": "bcr grpo lenpen", "report": "bcr grpo lenpen",
-            "ablations": "bcr"}.get(stage, stage if stage in ("bcr", "grpo", "lenpen") else "").split()
+    controls = "bcr grpo lenpen"  # the main runs the report judges
+    main = {"all": controls, "eval": controls, "report": controls, "ablations": "bcr", "adapt": "bcr",
+            "bcr": "bcr", "grpo": "grpo", "lenpen": "lenpen"}.get(stage, "").split()
     out = {"base": ("base", cfg, None)} | {f"{t}-s{s}": (t, cfg, s) for s in seeds for t in main}
-    for label, (task, flags) in {"ablations": ABLATIONS, "frontier": FRONTIER}.get(stage, {}).items():
-        run_cfg = replace(cfg, **flags)
+    for label, (task, flags) in VARIANTS.get(stage, {}).items():
+        run_cfg = replace(cfg, **flags, **{"rl_steps": cfg.adapt_steps} if task == "adapt" else {})
         try:
             validate(run_cfg)
         except ValueError as e:
@@ -343,37 +328,6 @@ def check(cfg, run, run_cfg, evaluating):
     total = run_cfg.pt_steps if run == "base" else run_cfg.rl_steps
     return checkpoint.checked(f"{cfg.out_dir}/{run}", run_cfg, keys, total, need_done=evaluating)
 
-def evaluate_runs(cfg, todo, rank, world, device, greedy):
-    """The N-sweep of each run under the shared budget C, sampled (and greedy at N = 1). A run is
-    first checked as reuse would check it (the same training config but the eval flags, finished);
-    its rows are cached in <run>/eval.json, keyed by the eval config. A run that was told its budget
-    is told it here too. Returns {run: {"rows", "wall_s" (evaluation), "train_wall_s", "curve"}}."""
-    evals, C, Ns, problems = {}, bcr.budget(cfg), eval_Ns(cfg), heldout_problems(cfg)
-    for run, (task, run_cfg, _) in todo.items():
-        meta = check(cfg, run, run_cfg, evaluating=True)
-        if meta is None:
-            raise ValueError(f"no {run} in {cfg.out_dir}: run the stage that makes it first")
-        path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
-        key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 3}  # 3: direct answers by column count
-        ev = checkpoint.cached(path)
-        if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
-            t0 = time.perf_counter()
-            model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
-            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g  # greedy: at N = 1 only
-            rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch,
-                                 decode_mode(cfg, device), rank, world, task == "told")
-                    for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
-            if Ns[0] == 1:  # for the frontier's predictions
-                rows[0]["p_first"] = report.first_token(model, tok, problems)
-            ev = {"key": key, "greedy": g, "rows": rows, "wall_s": time.perf_counter() - t0}
-            if rank == 0:
-                checkpoint.atomic_write(path, json.dumps(ev))
-        log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
-        lines = checkpoint.read(log, 2 ** 40).splitlines() if run != "base" and os.path.exists(log) else []
-        curve = [json.loads(x) for x in lines]
-        evals[run] = ev | {"train_wall_s": meta["wall_s"], "curve": curve}
-    return evals
-
 def main(argv=None):
     held, cfg = None, None
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here: says where checkpoints are
@@ -382,7 +336,6 @@ def main(argv=None):
         cfg = parse_config(argv)
         rank, world, device = setup(cfg)
         tok = build_tokenizer()
-        decode_mode(cfg, device)  # --decode=graph without CUDA: refused before any work
         todo, stage = runs(cfg), cfg.stage
         missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
         needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
@@ -406,13 +359,16 @@ def main(argv=None):
             pretrain(cfg, metas["base"], tok, rank, world, device)
             for run, (task, run_cfg, seed) in list(todo.items())[1:]:
                 rl(run_cfg, metas[run], task, run, seed, tok, rank, world, device)
-        # 4) evaluation (eval: the runs that are there; ablations, frontier: sampled only), the report
-        if stage in ("all", "eval", "report", "ablations", "frontier"):
-            evals = evaluate_runs(cfg, {r: v for r, v in todo.items() if r not in missing or stage != "eval"},
-                                  rank, world, device, greedy=stage in ("all", "eval", "report"))
+        # 4) evaluation (eval: the runs that are there; the variants' stages: sampled only), the report
+        if stage not in TRAIN_ONLY:
+            there = [r for r in todo if r not in missing or stage != "eval"]
+            metas = {r: check(cfg, r, todo[r][1], evaluating=True) for r in there}  # finished, these flags
+            key = {**{k: getattr(cfg, k) for k in EVAL_KEYS}, "format": 3}  # 3: direct answers by columns
+            greedy = stage in ("all", "eval", "report")
+            evals = report.sweeps(cfg, metas, key, rank, world, device, greedy)
             if stage != "eval" and rank == 0:
-                variants = FRONTIER if stage == "frontier" else ABLATIONS
-                print(report.write(cfg, device, evals, variants))
+                write = arena.write if stage in ("frontier", "arena") else report.write
+                print(write(cfg, device, evals, VARIANTS.get(stage, {})))
         if dist.is_initialized():  # leave together: gloo aborts a process whose peer is still busy
             dist.barrier()
     except (ValueError, OSError, MemoryError, RuntimeError) as e:  # bad input, a file it cannot write or read

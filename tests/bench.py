@@ -162,9 +162,9 @@ def bench_rl(model, device, n_rounds):
     update runs in bf16 (update_dtype=auto), an fp32 update is timed beside it, round by round; and
     with `trl` installed, TRL's GRPOTrainer on the same workload, its steps alternating with ours."""
     tok = build_tokenizer()
-    cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, decode="graph" if device.type == "cuda"
-                          else "eager", std_norm=True, token_mean=True, slot_credit=False, kl=0.0,
-                          lenpen=0.0, format_bonus=0.1, grad_clip=1.0, update_dtype="auto")
+    cfg = SimpleNamespace(max_digits=2, ops="+-", G=8, temperature=1.0, std_norm=True, token_mean=True,
+                          slot_credit=False, kl=0.0, lenpen=0.0, method="", format_bonus=0.1, grad_clip=1.0,
+                          update_dtype="auto")
     dtypes = ["bf16" if update_bf16(cfg.update_dtype, device) else "fp32"]
     dtypes += ["fp32"] if dtypes[0] == "bf16" else []
     opt = torch.optim.AdamW(model.parameters(), 1e-9, fused=True)  # a tiny lr keeps the model as it is

@@ -11,7 +11,7 @@ from test_sample import random_gpt
 
 
 def cfg(**kw):
-    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0, format_bonus=0.0,
+    base = dict(std_norm=True, token_mean=True, slot_credit=False, kl=0.0, lenpen=0.0, format_bonus=0.0, method="",
                 update_dtype="fp32")
     return SimpleNamespace(**{**base, **kw})
 
@@ -198,10 +198,52 @@ def test_the_default_sweep_covers_slack_binding_and_starved_budgets():
     import train
     from bcr import budget
     cfg = train.parse_config([])
-    C, Ns, probs = budget(cfg), train.eval_Ns(cfg), heldout_problems(cfg)
+    C, Ns, probs = budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")], heldout_problems(cfg)
     rng = random.Random(0)
     loop_free = sum(len(solution(p, 1)) + 1 for p in probs) / len(probs)
     stepped = replace(cfg, p_direct=0.0, p_runaway=0.0)
     verbose = sum(len(solution(p, 1, rng, stepped)) + 1 for p in probs) / len(probs)
     assert C / Ns[0] > 2 * verbose > verbose > cfg.b > loop_free > C / Ns[-1]
     assert any(C / N < verbose for N in Ns) and sum(C / N >= loop_free for N in Ns) >= 3
+
+
+# ----------------------------------------------------------------------------- the arena's methods (#39)
+
+def group(accs, lengths):
+    """One group: its rewards (acc + a 0.1 format term) and what rl_step hands a method."""
+    import torch
+    rewards = [SimpleNamespace(acc=a) for a in accs]
+    return torch.tensor(accs) + 0.1, rewards, torch.tensor(lengths), 144, len(accs)
+
+
+def test_each_method_on_a_hand_computed_group_and_the_all_right_group():
+    """The prediction rests on one fact per method: does a group whose samples are all right, of
+    different lengths, get non-zero advantages? Kimi and ShorterBetter: yes (the shortcut); DLER,
+    GFPO, Dr. GRPO and BCR: no."""
+    import torch
+    import arena
+    from bcr import METHODS
+    right = group([1.0, 1.0, 1.0, 1.0], [10, 20, 30, 40])
+    for name in ("kimi", "shorterbetter"):
+        adv, _ = METHODS[name](*right)
+        assert adv[0] > 0 > adv[3], name  # the shortest right answer is pushed up, the longest down
+    for name in ("dler", "gfpo", "drgrpo"):
+        assert torch.all(METHODS[name](*right)[0] == 0), name
+    assert arena.SHORTCUT == {"bcr": False, "cap": False, "kimi": True, "shorterbetter": True, "dler": False,
+                              "gfpo": False, "drgrpo": False}
+    mixed = group([1.0, 0.0, 1.0, 0.0], [10, 20, 30, 40])
+    # Kimi: lambda = 0.5, 1/6, -1/6, -0.5; right answers get it, wrong ones min(0, lambda)
+    _, shaped = METHODS["kimi"](*mixed)
+    assert torch.allclose(shaped, torch.tensor([1.6, 0.1, 1.1 - 1 / 6, 0.1 - 0.5]))
+    # ShorterBetter: SOL 10 (the shortest right); 2 * right - 0.001 * |len - 10|
+    _, shaped = METHODS["shorterbetter"](*mixed)
+    assert torch.allclose(shaped, torch.tensor([2.0, -0.01, 1.98, -0.03]))
+    # DLER: centred in the group, scaled by the batch's std (here the group is the batch)
+    adv, _ = METHODS["dler"](*mixed)
+    assert torch.allclose(adv, (mixed[0] - 0.6) / (mixed[0].std() + 1e-4))
+    # GFPO: the two shortest (10, 20) are kept and normalised between them; the rest weigh 0
+    adv, _ = METHODS["gfpo"](*mixed)
+    assert adv[2] == adv[3] == 0 and adv[0] > 0 > adv[1]
+    # Dr. GRPO: mean-centred, no std; x tokens / (samples x cap) for a constant normaliser
+    adv, _ = METHODS["drgrpo"](*mixed)
+    assert torch.allclose(adv, (mixed[0] - 0.6) * 100 / (4 * 144))

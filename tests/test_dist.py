@@ -99,7 +99,7 @@ def test_one_update_on_fixed_rollouts_matches_one_process(tmp_path, tiny):  # no
 def steps_job(rank, tiny, result):  # noqa: F811
     dist.init_process_group("gloo")
     model, tok, _ = load_checkpoint(Path(tiny) / "base")
-    cfg = train.parse_config(TINY + ["--decode=eager"])
+    cfg = train.parse_config(TINY)
     opt = new_optimizer(model, 1e-3)
     for step in range(3):
         groups = packed_prompts(doc_rng("steps", step), cfg, 4, 2)[rank::2]

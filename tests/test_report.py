@@ -119,3 +119,46 @@ def test_predictions_by_hand():
     x, _ = report.predict_run(pr, "bcr", 0, True, 20)
     assert math.isclose(x, (23.4 - 20) / (23.4 - 15))
     assert report.predict_run(pr, "bcr", 0, True, 30)[0] == 0.0 and report.predict_run(pr, "bcr", 0, True, 10)[0] == 1
+
+
+# ----------------------------------------------------------------------------- the allocation oracle (#38)
+
+CELLS = {(1, True): (0.5, 4.0), (1, False): (1.0, 10.0), (2, True): (0.2, 5.0), (2, False): (0.9, 20.0)}
+
+
+def test_the_oracle_on_a_hand_computed_case():
+    """Two problem types, half each; C = 31 fits a one-column and a two-column stepped answer (10 +
+    20 + <eos>) but not two two-column ones. Two problems: one of each (probability 0.5), both
+    stepped, (1.0 + 0.9) / 2; two two-column ones (0.25), one stepped and one direct, (0.9 + 0.2) / 2;
+    two one-column ones (0.25), both stepped, 1.0. Expected 0.5 * 0.95 + 0.25 * 0.55 + 0.25 = 0.8625;
+    all direct: (0.5 + 0.2) / 2 = 0.35."""
+    best, direct = report.oracle(CELLS, {1: 0.5, 2: 0.5}, 31, 2)
+    assert best == pytest.approx(0.8625) and direct == pytest.approx(0.35)
+    assert report.oracle(CELLS, {1: 0.5, 2: 0.5}, 41, 2)[0] == pytest.approx(0.5 * 0.95 + 0.25 * 0.9 + 0.25)
+    # no room even for direct answers: the oracle answers none, the all-direct line none
+    assert report.oracle(CELLS, {1: 0.5, 2: 0.5}, 3, 2) == (0.0, 0.0)
+
+
+def test_strategies_take_the_base_figures_where_a_model_hardly_answers_directly():
+    samples = [[11, 1.0, False, 0, 1]] * 40 + [[21, 0.0, False, 0, 2]] * 40 + [[5, 1.0, True, 0, 2]] * 3
+    base = report.strategies(samples + [[5, 0.0, True, 0, 1]] * 30)
+    cells, share = report.strategies(samples, base)
+    assert cells[1, False] == (1.0, 10.0) and cells[2, False] == (0.0, 20.0)
+    assert cells[2, True] == base[0][2, True] == (1.0, 4.0)  # 3 answers: fewer than 20, the base's
+    assert cells[1, True] == (0.0, 4.0) and share == {1: 40 / 83, 2: 43 / 83}
+
+
+def adapting(acc8, cut8=0.05, acc1=0.95, lines=0.70):
+    """An adapting run: its sweep, and what its N = 1 answers predict (every line at `lines`)."""
+    rows = [row(1, acc1), row(6, acc8 + 0.1), row(7, acc8 + 0.05), dict(row(8, acc8), truncation_rate=cut8)]
+    pred = [{"N": r["N"], "acc": lines, "all_direct": lines, "oracle": 0.9} for r in rows]
+    return dict(entry("adapt", 1, rows), predicted=pred)
+
+
+@pytest.mark.parametrize("run, holds", [(adapting(0.80), True), (adapting(0.72), False),  # within 2 se
+                                        (adapting(0.80, cut8=0.3), False), (adapting(0.80, acc1=0.85), False)])
+def test_the_adapts_verdict_flips_both_ways(run, holds):
+    es = [entry("base", None, [row(1), row(8)]), entry("bcr", 1, [row(1, 0.95), row(8, 0.6)]), run]
+    v = report.adapts(es, "adapt", [1, 6, 7, 8])
+    assert v["reproduced"] is holds, v["evidence"]
+    assert "below the oracle at N = 6, 7, 8" in v["evidence"]

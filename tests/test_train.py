@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import arena
 import bcr
 import checkpoint
 import model
@@ -241,7 +242,7 @@ def test_frontier_command(tiny, tmp_path):
     os.symlink(tiny / "base", tmp_path / "base")
     assert run(TINY + [f"--out_dir={tmp_path}", "--stage=frontier", "--rl_steps=2"]) == 0
     rep = json.load(open(tmp_path / "frontier.json"))
-    assert [r["name"] for r in rep["frontier"]] == list(train.FRONTIER)
+    assert [r["name"] for r in rep["frontier"]] == list(arena.FRONTIER)
     assert os.path.exists(tmp_path / "bcr-s1") and os.path.exists(tmp_path / "lenpen-s1")  # the default settings
     for r in rep["frontier"]:
         assert len(r["categories"]) == 1 and r["categories"][0] in ("collapsed", "shortcut", "stable")
@@ -250,6 +251,26 @@ def test_frontier_command(tiny, tmp_path):
     assert {"per_column", "lambda_empty", "p_eos", "len_step"} <= set(rep["predictions"])
     assert "prediction holds" in (tmp_path / "frontier.md").read_text()
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adapt_and_arena_commands(tiny, tmp_path):
+    """--stage=adapt: BCR and budget-aware BCR on the same base, judged against the
+    lines their N = 1 answers predict; --stage=arena: every method of arena.ARENA, its prediction."""
+    os.symlink(tiny / "base", tmp_path / "base")
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=adapt", "--adapt_steps=2"]) == 0
+    rep = json.load(open(tmp_path / "adapt.json"))
+    assert {e["name"] for e in rep["runs"]} == {"base", "bcr", "adapt"}
+    assert set(rep["findings"]["beyond"]) == {"adapts_adapt"}
+    assert json.load(open(tmp_path / "abl-adapt-s1" / "config.json"))["train"]["rl_steps"] == 2
+    for e in rep["runs"]:  # every sweep row beside its predicted lines
+        assert all({"acc", "oracle", "all_direct"} <= set(p) for p in e["predicted"])
+    assert "oracle" in (tmp_path / "adapt.md").read_text() and (tmp_path / "adapt.png").exists()
+    assert run(TINY + [f"--out_dir={tmp_path}", "--stage=arena"]) == 0
+    rep = json.load(open(tmp_path / "arena.json"))
+    assert [r["name"] for r in rep["arena"]] == list(arena.ARENA)
+    assert isinstance(rep["findings"]["beyond"]["batching_matters"]["reproduced"], bool)
+    assert json.load(open(tmp_path / "abl-gfpo-s1" / "config.json"))["train"]["G"] == 16
+    assert "prediction holds" in (tmp_path / "arena.md").read_text() and (tmp_path / "arena.png").exists()
 
 
 def corrupt(tiny, tmp_path, how):
@@ -294,12 +315,12 @@ def corrupt(tiny, tmp_path, how):
 
 BAD_TRAIN = [["--bogus=1"], ["--N=abc"], ["--N=0"], ["--b=3"], ["--C=5"], ["--C=100000"], ["--temperature=-1"],
              ["--stage=nope"], ["--eval_Ns=1,x"], ["--resume=maybe"], ["--preset=tpu"], ["--ops=*"],
-             ["--n_head=3"], ["--decode=graph", "--device=cpu", "--stage=bcr"], ["--update_dtype=fp16"],
+             ["--n_head=3"], ["--update_dtype=fp16"],
              ["--n_head=0"], ["--n_layer=-1"], ["--block_size=1000000000000"], ["--G=1"], ["--pt_docs=0"],
              ["--rl_lr=nan"], ["--pt_lr=inf"], ["--kl=-1"], ["--pt_concise=7"], ["--max_digits=5000"],
              ["--seed=100000000000000000000"], ["--eval_Ns=1,\u00b2"], ["--device=foo"], ["--device=cuda:99"],
              ["--eval_Ns=2,1"], ["--eval_Ns=2", "--stage=report"], ["--eval_problems=1"], ["--temperature=1e300"],
-             ["--temperature=0.001"], ["--pt_lr=1e38"], ["--out_dir=--"], ["--n_embd=65536"]]
+             ["--temperature=0.001"], ["--pt_lr=1e38"], ["--out_dir=--"], ["--n_embd=65536"], ["--method=nope"]]
 
 
 @pytest.mark.parametrize("argv", BAD_TRAIN)
