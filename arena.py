@@ -110,8 +110,9 @@ def settings(es, variants, cfg, Nmax, pr):
                    tokens_N=got("tokens_per_problem", Nmax),
                    low=[min(report.smooth(e["curve"]) or [float("nan")]) for e in runs], categories=cats)
         if cfg.stage == "arena":
-            row.update(label=name, predicted="shortcut" if SHORTCUT[name] else "keeps steps",
-                       holds=all((c == "shortcut") == SHORTCUT[name] for c in cats))
+            said = {True: "shortcut", False: "keeps steps", None: "-"}[SHORTCUT.get(name)]
+            row.update(label=name, predicted=said,
+                       holds=all((c == "shortcut") == SHORTCUT.get(name) for c in cats))
         else:
             share, collapse = report.predict_run(pr, task, lam, std, b)
             label = f"b={b}" if task == "bcr" else f"λ={lam:g}" + ("" if std else " no std")
@@ -124,12 +125,14 @@ def settings(es, variants, cfg, Nmax, pr):
 
 def write(cfg, device, ev, variants):
     """out/<stage>.json, .md and .png for the frontier or the arena (device unused: report.write's)."""
-    C, Ns = bcr.budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")]
+    C, Ns = bcr.sweep_budget(cfg), report.sweep_Ns(cfg)
     es, Nmax, kind = report.entries(cfg, ev, C, Ns), max(Ns), cfg.stage
     rollouts = cfg.G * cfg.prompts * cfg.rl_steps  # each starts with a sample of the first token
     pr = report.predictions(report.pick(es[0]["eval"], 1), C, cfg.format_bonus, rollouts)
     rows = settings(es, variants, cfg, Nmax, pr)
-    f = {"beyond": {"batching_matters": batching(es, Nmax)}} if kind == "arena" else {}
+    # what a table without the per-problem cap (a reader's own) still gets: every row, no verdict
+    has_cap = any(e["name"] == "cap" for e in es)
+    f = {"beyond": {"batching_matters": batching(es, Nmax)}} if kind == "arena" and has_cap else {}
     strip = lambda rows: [{k: v for k, v in r.items() if k != "samples"} for r in rows]  # noqa: E731
     rep = {"config": asdict(cfg), "budget": C, "predictions": pr, kind: rows, "findings": f,
            "runs": [dict(e, eval=strip(e["eval"])) for e in es]}

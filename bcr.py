@@ -1,25 +1,19 @@
 """
 Batched Contextual Reinforcement (BCR, arXiv 2604.02322), in miniature. One BCR step:
 1. Pack N problems of one difficulty (digit columns) into a prompt; take `prompts` such prompts.
-2. Sample G completions of each under one hard cap of N*b new tokens for the whole packed answer:
-   the only pressure towards brevity (verbosity on early problems leaves no room for later ones).
+2. Sample G completions of each under one hard cap of N*b new tokens for the whole packed answer,
+   the only pressure towards brevity: verbosity on early problems leaves no room for later ones.
 3. Reward: the share of the N problems right, + format_bonus for exactly N labelled answers then
-   <eos> (the paper has a format term too). A problem the cap cut off scores 0; those answered
-   before keep their credit. No length term.
-4. GRPO: advantages normalised within each group of G samples of one prompt, then one on-policy
-   step on -A * log p(token), averaged over the batch's completion tokens.
-Where this departs from the paper (whose code and hyper-parameters are not public):
-- "GRPO" as nanochat's chat_rl.py: on-policy, one update per batch, so no ratio and no clipping;
-  no KL unless kl > 0 (k3 against the frozen base); a token-level mean unless token_mean=False;
-- "similar difficulty" groups: prompts whose problems have the same number of digit columns;
-- a bf16 update beside fp32 sampling (model.update_bf16) is slightly off-policy, uncorrected;
-- switches worth ablating: std_norm, token_mean, slot_credit (problem k's advantage on its own
-  tokens) and lenpen, the explicit penalty r = acc - lenpen*|y|/cap;
-- beyond the paper, task "adapt": N drawn per prompt from 1..max_N under one cap C, problems of
-  mixed difficulty, to see whether a model learns to spend what C/N allows.
-Read in order: task and rl_batch, rollout (sample and score), advantages, pg_loss (the loss in its
-textbook form), pg_loss_fast (the same loss and gradient with less work, tested equal), rl_step;
-then evaluate, the N-sweep under one budget C for every N, whose rows report.py judges.
+   <eos>. A problem the cap cut off scores 0; those before it keep their credit. No length term.
+4. GRPO: advantages normalised within each group of G samples of one prompt; one on-policy step
+   on -A * log p(token), averaged over the batch's completion tokens.
+Departures from the paper (its code and hyper-parameters are not public): "GRPO" as nanochat's
+chat_rl.py (on-policy, one update a batch: no ratio, no clipping; no KL unless kl > 0; a token
+mean unless token_mean=False); "similar difficulty" is one column count; a bf16 update beside fp32
+sampling is slightly off-policy, uncorrected. Switches: std_norm, token_mean, slot_credit, lenpen
+(r = acc - lenpen*|y|/cap), and task "adapt" (N from 1..max_N under C, mixed difficulty).
+Read in order: task, rl_batch, rollout, advantages, pg_loss (the loss in its textbook form),
+pg_loss_fast (the same loss and gradient with less work, tested equal), rl_step, evaluate.
 """
 import math
 import time
@@ -42,13 +36,13 @@ class Task(NamedTuple):
     lenpen: float     # the weight of an explicit length penalty (0: none)
     stratified: bool  # the problems of a prompt share one column count
 
-def budget(cfg):
+def sweep_budget(cfg):
     """The N-sweep's one completion budget C, the same for every N."""
     return cfg.C or 4 * cfg.b
 
 def task(name, cfg):
     """This is where BCR differs from its controls."""
-    C = budget(cfg)
+    C = sweep_budget(cfg)
     any_N = range(1, cfg.max_N + 1)
     return {
         # BCR: N problems under one cap of N*b tokens
@@ -137,33 +131,39 @@ def token_advantages(rewards, lengths, G, cap, cfg):
 
 # ----------------------------------------------------------------------------- the loss
 
-def pg_loss(model, ids, tokens, lengths, adv, norm, cfg,
-            ref=None, pad_to=(1, 1)):
-    """BCR's objective in its textbook form: minus the advantage-weighted log-likelihood of the
-    sampled completion tokens, -sum_t A_t * w_t * log p(y_t | prompt, y_<t) / norm, where w_t is 1
-    on completion tokens and 0 on the prompt and padding (1/|y| per sequence when not token_mean),
-    and norm the batch's completion-token count (or number of sequences). With cfg.kl > 0, plus kl
-    times the k3 estimate of KL(policy || frozen base) on the same tokens.
-    ids: prompt ids (B lists), tokens (B, cap), lengths (B,), adv (B, cap). Returns the loss and
-    sums for the logs. pad_to: rows and length rounded up to multiples (rows that weigh 0)."""
-    device = model.wte.weight.device
+def layout(ids, tokens, lengths, adv, token_mean, pad_to):
+    """Right-padded rows of prompt + completion x (B, T), and at the positions that predict a
+    completion token its loss weight w and advantage a (B, T) each; rows and length rounded up to
+    multiples of pad_to (padding rows weigh 0)."""
     n = lengths.tolist()
-    # rows and positions rounded up to multiples of pad_to (ceiling divisions)
-    B = -(-len(ids) // pad_to[0]) * pad_to[0]
+    rows, length = pad_to
+    B = -(-len(ids) // rows) * rows
     longest = max(len(p) + k for p, k in zip(ids, n))
-    T = -(-(longest - 1) // pad_to[1]) * pad_to[1] + 1
-    x = torch.full((B, T), PAD, dtype=torch.long)  # (B, T) prompt + completion
-    w = torch.zeros(B, T)                          # (B, T) loss weights
-    a = torch.zeros(B, T)                          # (B, T) advantages
+    T = -(-(longest - 1) // length) * length + 1
+    x = torch.full((B, T), PAD, dtype=torch.long)
+    w = torch.zeros(B, T)
+    a = torch.zeros(B, T)
     for i, (p, k) in enumerate(zip(ids, n)):
         start = len(p)
         x[i, :start] = torch.tensor(p)
         x[i, start:start + k] = tokens[i, :k]
         # the logits at position t predict token t+1: completion token j at start-1+j
         predicted = slice(start - 1, start - 1 + k)
-        weight = 1.0 if cfg.token_mean else 1.0 / max(k, 1)
-        w[i, predicted] = weight
+        w[i, predicted] = 1.0 if token_mean else 1.0 / max(k, 1)
         a[i, predicted] = adv[i, :k]
+    return x, w, a
+
+def pg_loss(model, ids, tokens, lengths, adv, norm, cfg,
+            ref=None, pad_to=(1, 1)):
+    """BCR's objective in its textbook form: minus the advantage-weighted log-likelihood of the
+    sampled completion tokens, -sum_t A_t * w_t * log p(y_t | prompt, y_<t) / norm, where w_t is 1
+    on completion tokens and 0 on the prompt and padding (1/|y| per sequence when not token_mean),
+    and norm the batch's completion-token count (or number of sequences). With cfg.kl > 0, plus kl
+    times the k3 estimate of KL(policy || frozen base) on the same tokens. ids: prompt ids (B
+    lists), tokens (B, cap), lengths (B,), adv (B, cap). Returns the loss and sums for the logs."""
+    device = model.wte.weight.device
+    x, w, a = layout(ids, tokens, lengths, adv, cfg.token_mean, pad_to)  # (B, T) each
+    B = x.shape[0]
     x = x.to(device)
     inputs = x[:, :-1]                             # (B, T-1)
     targets = x[:, 1:]                             # (B, T-1) the token each position predicts
@@ -330,6 +330,10 @@ def evaluate(model, tok, problems, N, cap, temperature, seed,
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = [x for part in gathered for x in part]
+    return sweep_row(results, N, cap, temperature)
+
+def sweep_row(results, N, cap, temperature):
+    """The report row of one N: results are (reward, new tokens, problems) per prompt."""
     rs = [r for r, _, _ in results]
     n_prob = len(rs) * N
     tokens = [float(k) for _, k, _ in results]

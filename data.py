@@ -43,8 +43,7 @@ def columns(p):
     return max(len(str(p[0])), len(str(p[2])))
 
 def is_heldout(p):
-    """About 1 problem in 10 is held out for evaluation, chosen by a stable hash of the problem
-    itself, so train and eval are disjoint by construction whatever the seed."""
+    """1 problem in 10, by a stable hash of the problem: train and eval disjoint whatever the seed."""
     return zlib.crc32(f"{p[0]}{p[1]}{p[2]}".encode()) % 10 == 0
 
 def sample_problem(rng, max_digits, ops, heldout=False, cols=None):
@@ -142,8 +141,7 @@ def build_tokenizer():
     return tok
 
 def encode(tok, texts):
-    """Token ids of each text; text with characters outside the vocabulary is refused, not
-    silently mapped to <pad>."""
+    """Token ids of each text; a character outside the vocabulary is refused, not mapped to <pad>."""
     bad = sorted(set("".join(texts)) - set(CHARS))
     if bad:
         raise ValueError(f"characters outside the vocabulary: {''.join(bad)!r}")
@@ -213,8 +211,7 @@ def pretrain_batch(tok, cfg, step, rank=0, world=1):
     return out, n_targets
 
 def packed_prompts(rng, cfg, n, N, heldout=False, stratified=True):
-    """n packed prompts of N problems each. Stratified: the N problems of a prompt share one
-    difficulty (column count), as the paper groups problems of similar difficulty."""
+    """n packed prompts of N problems; stratified: of one column count, as the paper's groups are."""
     out = []
     for _ in range(n):
         cols = rng.randint(1, cfg.max_digits) if stratified else None

@@ -20,9 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# PyTorch may pick cuDNN's attention on Hopper GPUs, which builds a plan for every new sequence length
-# (pytorch#155958). Our batches change length every micro-batch and RL step, so that planning would
-# dominate a step; flash attention has no per-shape cost.
+# cuDNN's attention (PyTorch's pick on Hopper GPUs) plans every new sequence length (pytorch#155958):
+# our lengths change every micro-batch and RL step; flash attention has no per-shape cost.
 torch.backends.cuda.enable_cudnn_sdp(False)
 
 @dataclass

@@ -47,6 +47,9 @@ TITLES = {"report": "nanoBCR report", "ablations": "nanoBCR ablations (b and N v
 NAMES = {"base": "the verbose base", "bcr": "BCR, the default", "grpo": "vanilla GRPO, N = 1 under C",
          "lenpen": "length penalty, N = 1 under C", "adapt": "budget-aware BCR: N from 1 to max_N under C"}
 
+def sweep_Ns(cfg):
+    return [int(x) for x in cfg.eval_Ns.split(",")]
+
 def pick(rows, N, decoding="sample"):
     return next(r for r in rows if r["N"] == N and r["decoding"] == decoding)
 
@@ -321,20 +324,21 @@ def sweeps(cfg, metas, key, rank, world, device, greedy):
     """Each run's N-sweep under the shared budget C, sampled (greedy at N = 1 too: greedy, or the
     base), cached in <run>/eval.json under `key`, the evaluation's flags. metas: {run: its checkpoint's
     config.json, checked finished}. Returns {run: {"rows", "wall_s", "train_wall_s", "curve"}}."""
-    evals, C, problems = {}, bcr.budget(cfg), heldout_problems(cfg)
-    Ns = [int(x) for x in cfg.eval_Ns.split(",")]
+    evals, C, problems = {}, bcr.sweep_budget(cfg), heldout_problems(cfg)
+    Ns = sweep_Ns(cfg)
     for run, meta in metas.items():
-        path, g = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
+        path, greedy_too = f"{cfg.out_dir}/{run}/eval.json", greedy or run == "base"
         ev = checkpoint.cached(path)
-        if not (isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not g)):
+        fresh = isinstance(ev, dict) and ev.get("key") == key and (ev.get("greedy") is True or not greedy_too)
+        if not fresh:
             t0 = time.perf_counter()
             model, tok, _ = checkpoint.load(f"{cfg.out_dir}/{run}", device)
-            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * g
+            plan = [(N, C, cfg.temperature) for N in Ns] + [(1, C, 0.0)] * greedy_too
             rows = [bcr.evaluate(model, tok, problems, N, c, t, cfg.eval_seed, cfg.eval_batch, rank, world)
                     for N, c, t in tqdm(plan, desc=f"eval {run}", disable=rank > 0)]
             if Ns[0] == 1:  # for the frontier's predictions
                 rows[0]["p_first"] = first_token(model, tok, problems)
-            ev = {"key": key, "greedy": g, "rows": rows, "wall_s": time.perf_counter() - t0}
+            ev = {"key": key, "greedy": greedy_too, "rows": rows, "wall_s": time.perf_counter() - t0}
             if rank == 0:
                 checkpoint.atomic_write(path, json.dumps(ev))
         log = f"{cfg.out_dir}/{run}.jsonl"  # the training curve, if the run came with its log
@@ -368,7 +372,7 @@ def write(cfg, device, ev, variants):
     """out/<kind>.json and .md, and with matplotlib a figure (but for the ablations); the kind is the
     stage's: report (the paper's claims), ablations or adapt (BCR against the allocation oracle; the
     frontier and the arena: arena.py). ev: train.py's evaluate_runs; variants: the stage's."""
-    C, Ns = bcr.budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")]
+    C, Ns = bcr.sweep_budget(cfg), sweep_Ns(cfg)
     es = entries(cfg, ev, C, Ns)
     kind, Nmax, wall = cfg.stage if cfg.stage in ("ablations", "adapt") else "report", max(Ns), {}
     for run, v in ev.items():

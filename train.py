@@ -142,7 +142,7 @@ def parse_config(argv=None):
     validate(cfg)
     return cfg
 
-MINIMUM = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
+AT_LEAST = {2: "G", 1: "seeds prompts max_digits eval_problems eval_batch pt_docs pt_micro_tokens save_every "
                       "pt_max_pad max_loops",
            0: "seed base_seed eval_seed pt_steps rl_steps adapt_steps warmup C pt_lr pt_muon_lr rl_lr kl "
               "lenpen grad_clip p_loop p_again p_direct p_runaway pt_grow_N pt_concise"}
@@ -152,14 +152,14 @@ def validate(cfg):
     message), checked in order, so that a value is named before what depends on it."""
     ok_Ns = all(x.strip().isdigit() and x.isascii() for x in cfg.eval_Ns.split(","))
     Ns, digits = [int(x) for x in cfg.eval_Ns.split(",")] if ok_Ns else [1], min(max(cfg.max_digits, 1), 18)
-    worst, C, cap = (10 ** digits - 1, "+", 10 ** digits - 1), bcr.budget(cfg), cfg.N * cfg.b
+    worst, C, cap = (10 ** digits - 1, "+", 10 ** digits - 1), bcr.sweep_budget(cfg), cfg.N * cfg.b
     shortest = len(solution(worst, 1)) + 1
     longest = len(prompt([worst] * min(max(cfg.max_N, cfg.N, *Ns), 14)))
     table = [
         (ok_Ns, "--eval_Ns: integers, comma-separated"),
         *[(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be finite")
           for f in fields(cfg) if f.type is float],
-        *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, names in MINIMUM.items()
+        *[(getattr(cfg, k) >= lo, f"--{k} must be >= {lo}") for lo, names in AT_LEAST.items()
           for k in names.split()],
         (max(cfg.p_loop, cfg.p_direct, cfg.p_runaway, cfg.pt_grow_N, cfg.pt_concise) <= 1 and cfg.p_again < 1,
          "--p_loop, --p_direct, --p_runaway, --pt_grow_N, --pt_concise must be at most 1, --p_again below 1"),
@@ -280,7 +280,7 @@ def pretrain(cfg, meta, tok, rank, world, device):
     for step in run.steps:
         run.end_step(step, pretrain_step(model, opt, cfg, tok, step, rank, world, device))
 
-def rl(cfg, meta, task, name, seed, tok, rank, world, device):
+def train_rl(cfg, meta, task, name, seed, tok, rank, world, device):
     """One RL run on the base: task is bcr.task's (bcr, adapt, grpo, lenpen); cfg may hold a variant's
     flags; meta is its checkpoint's, if it has one (finished: reused; interrupted: resumed)."""
     folder = f"{cfg.out_dir}/{name}"
@@ -300,7 +300,7 @@ def rl(cfg, meta, task, name, seed, tok, rank, world, device):
         row = bcr.rl_step(model, opt, tok, groups[rank::world], spec.cap, gen, step_cfg, ref, world)
         run.end_step(step, row)
 
-def runs(cfg):
+def plan(cfg):
     """What the stage trains or evaluates, in order, the base first: {run name: (task, config, seed)}.
     A variant (VARIANTS) is trained with its own flags as abl-<label>-s<seed>; a main run's label
     (bcr, lenpen) is that run, reused."""
@@ -336,7 +336,7 @@ def main(argv=None):
         cfg = parse_config(argv)
         rank, world, device = setup(cfg)
         tok = build_tokenizer()
-        todo, stage = runs(cfg), cfg.stage
+        todo, stage = plan(cfg), cfg.stage
         missing = [r for r in todo if not os.path.exists(f"{cfg.out_dir}/{r}")]
         needed = {"report": missing, "eval": [r for r in missing if r == "base"]}.get(stage, [])
         if needed:  # (a mistyped --out_dir is not created)
@@ -358,7 +358,7 @@ def main(argv=None):
         if not evaluating:
             pretrain(cfg, metas["base"], tok, rank, world, device)
             for run, (task, run_cfg, seed) in list(todo.items())[1:]:
-                rl(run_cfg, metas[run], task, run, seed, tok, rank, world, device)
+                train_rl(run_cfg, metas[run], task, run, seed, tok, rank, world, device)
         # 4) evaluation (eval: the runs that are there; the variants' stages: sampled only), the report
         if stage not in TRAIN_ONLY:
             there = [r for r in todo if r not in missing or stage != "eval"]

@@ -176,10 +176,10 @@ def test_truncation_model_matches_a_simulation():
 
 def test_each_run_trains_on_its_own_batch():
     """BCR packs N problems under N*b; budget-aware BCR draws N per prompt under C; the controls one."""
-    from bcr import budget, rl_batch, task
+    from bcr import rl_batch, sweep_budget, task
     c = SimpleNamespace(N=3, b=36, C=0, max_N=8, lenpen=1.0, prompts=64, max_digits=2, ops="+-")
     assert (task("bcr", c).cap, task("bcr", c).lenpen) == (108, 0.0)
-    assert (task("lenpen", c).cap, task("lenpen", c).lenpen) == (budget(c), 1.0) == (144, 1.0)
+    assert (task("lenpen", c).cap, task("lenpen", c).lenpen) == (sweep_budget(c), 1.0) == (144, 1.0)
     assert {len(g) for g in rl_batch("bcr", c, 1, 0)} == {3} and {len(g) for g in rl_batch("grpo", c, 1, 0)} == {1}
     mixed = rl_batch("adapt", c, 1, 0)
     assert len({len(g) for g in mixed}) >= 6 and max(map(len, mixed)) <= 8
@@ -196,9 +196,9 @@ def test_the_default_sweep_covers_slack_binding_and_starved_budgets():
     model adapts. Lengths from the base's own style on the eval problems (runaways aside)."""
     import random
     import train
-    from bcr import budget
+    from bcr import sweep_budget
     cfg = train.parse_config([])
-    C, Ns, probs = budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")], heldout_problems(cfg)
+    C, Ns, probs = sweep_budget(cfg), [int(x) for x in cfg.eval_Ns.split(",")], heldout_problems(cfg)
     rng = random.Random(0)
     loop_free = sum(len(solution(p, 1)) + 1 for p in probs) / len(probs)
     stepped = replace(cfg, p_direct=0.0, p_runaway=0.0)
