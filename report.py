@@ -289,7 +289,7 @@ def verdicts_md(f):
              for k, v in f.items() if k != "beyond"]
     beyond = [f"- **{k}**: {'yes' if v['reproduced'] else '**no**'}. {v['evidence']} (rule: {v['rule']})."
               for k, v in f.get("beyond", {}).items()]
-    head = ["## The paper's claims\n", "| claim | the paper | the toy | rule | verdict |", "|---|" * 5]
+    head = ["## The paper's claims\n", "| claim | the paper | the toy | rule | verdict |", "|---" * 5 + "|"]
     return head * bool(paper) + paper + ["\n## Beyond the paper\n"] * bool(beyond) + beyond
 
 def summary(es, Nmax, what):

@@ -215,6 +215,7 @@ def test_full_pipeline_writes_the_report(tiny, tmp_path):
     assert row["N"] == 1 and abs(row["acc_se"] - (acc * (1 - acc) / (n - 1)) ** 0.5) < 1e-6
     md = (out / "report.md").read_text()  # the findings, then mean (min, max) over seeds per model, then every row
     assert md.startswith("# nanoBCR report") and all(f"| {n} | " in md for n in ("base", "bcr", "grpo", "lenpen"))
+    assert "\n|---|---|---|---|---|\n" in md and "oracle" in md  # a well-formed claims table; the sweep's lines
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"  # matplotlib is in the test requirements
 
 
