@@ -82,7 +82,7 @@ class Config:
     G: int = arg(8, "samples per prompt (the GRPO group)")
     prompts: int = arg(8, "packed prompts per RL step")
     rl_steps: int = arg(100, "RL steps of each RL run")
-    adapt_steps: int = arg(600, "RL steps of budget-aware BCR (--stage=adapt): learning to read N is slow")
+    adapt_steps: int = arg(1200, "RL steps of budget-aware BCR (--stage=adapt): learning to read N is slow")
     rl_lr: float = arg(1e-4, "RL learning rate (constant after warm-up)")
     temperature: float = arg(1.0, "sampling temperature in RL and in sampled evaluation")
     std_norm: bool = arg(True, "divide advantages by the group's std (False: Dr. GRPO / REINFORCE)")
