@@ -169,18 +169,25 @@ def plot(plt, rep):
         r["name"]: {"bcr": "C0", "lenpen": "C3" if r["flags"].get("std_norm", True) else "C1"}[r["task"]]
         for r in rows}
     for a, N, (acc, tok) in zip(ax, (1, Nmax), (("acc", "tokens"), ("acc_N", "tokens_N"))):
-        placed = []
-        for r in rows:  # a label that would land on an earlier one moves up a line
+        for r in rows:
             x, y = statistics.mean(r[tok]), statistics.mean(r[acc])
             a.errorbar(x, y, xerr=[[x - min(r[tok])], [max(r[tok]) - x]], fmt="o", capsize=2,
                        yerr=[[y - min(r[acc])], [max(r[acc]) - y]], color=color[r["name"]])
-            lift = sum(abs(x - px) < 2 and abs(y - py) < 0.04 for px, py in placed)
-            a.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3 + 9 * lift), textcoords="offset points")
-            placed.append((x, y))
         a.plot(report.pick(base, N)["tokens_per_problem"], report.pick(base, N)["acc"], "k*", markersize=10,
                label="base")
         a.set(xlabel="tokens per problem", ylabel="accuracy", title=f"N = {N} under C = {rep['budget']}")
         a.legend(fontsize=7)
+    fig.tight_layout()  # the final scale: labels are placed in points on the page
+    for a, (acc, tok) in zip(ax, (("acc", "tokens"), ("acc_N", "tokens_N"))):
+        placed = []  # (left, right, bottom) of each label, in points
+        for r in rows:  # a label that would overlap an earlier one moves up a line until it does not
+            x, y = statistics.mean(r[tok]), statistics.mean(r[acc])
+            px, py = a.transData.transform((x, y)) * 72 / fig.dpi
+            left, right, up = px + 3, px + 3 + 4 * len(r["label"]), 3
+            while any(left < q1 and q0 < right and abs(py + up - qy) < 9 for q0, q1, qy in placed):
+                up += 9
+            placed.append((left, right, py + up))
+            a.annotate(r["label"], (x, y), fontsize=7, xytext=(3, up), textcoords="offset points")
     for r in rows:
         s = report.smooth(next(e["curve"] for e in rep["runs"] if e["name"] == r["name"]))
         ax[2].plot(range(len(s)), s, color=color[r["name"]], label=r["label"], alpha=0.8)

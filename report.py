@@ -424,8 +424,11 @@ def plot_sweep(ax, rep, names, lines):
     for i, name in enumerate(names):
         es = [e for e in rep["runs"] if e["name"] == name]
         Ns = [r["N"] for r in es[0]["predicted"]]
-        mean = lambda k, rows=None: [statistics.mean((pick(e["eval"], N) if rows is None else next(  # noqa: E731
-            r for r in e[rows] if r["N"] == N))[k] for e in es) for N in Ns]
+
+        def mean(k, rows=None):  # over seeds, at each N: the measured row, or a predicted one
+            def at(e, N):
+                return pick(e["eval"], N) if rows is None else next(r for r in e[rows] if r["N"] == N)
+            return [statistics.mean(at(e, N)[k] for e in es) for N in Ns]
         ax[0].plot(Ns, mean("acc"), "o-", color=f"C{i}", label=name)
         ax[1].plot(Ns, mean("tokens_per_problem"), "o-", color=f"C{i}", label=name)
         if name in lines:

@@ -162,3 +162,23 @@ def test_the_adapts_verdict_flips_both_ways(run, holds):
     v = report.adapts(es, "adapt", [1, 6, 7, 8])
     assert v["reproduced"] is holds, v["evidence"]
     assert "below the oracle at N = 6, 7, 8" in v["evidence"]
+
+
+def test_the_arena_figure_labels_never_overlap():
+    """Settings that cluster (the penalty's weights at N = 1) get labels that do not touch."""
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is not installed: no figure")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import arena
+    base = [dict(N=N, decoding="sample", acc=0.9, tokens_per_problem=40.0) for N in (1, 8)]
+    points = [(18.4, 0.811), (18.4, 0.797), (17.8, 0.807), (18.0, 0.800), (15.7, 0.744), (26.7, 0.963)]
+    rows = [dict(name=f"s{i}", label=f"λ={i} no std", task="lenpen", flags={}, acc=[y], tokens=[x],
+                 acc_N=[y], tokens_N=[x]) for i, (x, y) in enumerate(points)]
+    runs = [dict(name="base", eval=base)] + [dict(name=r["name"], curve=[dict(acc=0.5)] * 12) for r in rows]
+    fig = arena.plot(plt, dict(runs=runs, arena=rows, budget=144))
+    fig.canvas.draw()
+    for a in fig.axes[:2]:
+        boxes = [t.get_window_extent() for t in a.texts]
+        assert len(boxes) == len(points)
+        assert not any(b.overlaps(c) for i, b in enumerate(boxes) for c in boxes[i + 1:])
+    plt.close(fig)
