@@ -179,13 +179,14 @@ def plot(plt, rep):
         a.legend(fontsize=7)
     fig.tight_layout()  # the final scale: labels are placed in points on the page
     for a, (acc, tok) in zip(ax, (("acc", "tokens"), ("acc_N", "tokens_N"))):
-        placed = []  # (left, right, bottom) of each label, in points
-        for r in rows:  # a label that would overlap an earlier one moves up a line until it does not
+        placed, top = [], a.bbox.y1 * 72 / fig.dpi - 9  # (left, right, bottom) of each label, in points
+        for r in rows:  # a label that would overlap an earlier one moves a line down or up, the nearest free
             x, y = statistics.mean(r[tok]), statistics.mean(r[acc])
             px, py = a.transData.transform((x, y)) * 72 / fig.dpi
-            left, right, up = px + 3, px + 3 + 4 * len(r["label"]), 3
-            while any(left < q1 and q0 < right and abs(py + up - qy) < 9 for q0, q1, qy in placed):
-                up += 9
+            left, right = px + 3, px + 3 + 4 * len(r["label"])
+            free = [u for u in range(-60, 70, 9) if py + u < top and not any(
+                left < q1 and q0 < right and abs(py + u - qy) < 9 for q0, q1, qy in placed)]
+            up = min(free, key=lambda u: abs(u - 3), default=3)
             placed.append((left, right, py + up))
             a.annotate(r["label"], (x, y), fontsize=7, xytext=(3, up), textcoords="offset points")
     for r in rows:
